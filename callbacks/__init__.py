@@ -1,0 +1,1 @@
+"""optiscope.callbacks."""

@@ -1,0 +1,598 @@
+"""Per-variable statistics for any Keras optimizer, computed inside the compiled train step.
+
+`Instrumented` is a mixin: `class InstrumentedAdam(Instrumented, keras.optimizers.Adam)`, or
+`instrument(keras.optimizers.Adam)`. It leaves the update rule alone (like Optax's `snapshot`):
+after the wrapped `_backend_update_step` it reduces each selected variable's step to a few
+scalars (see `measures.py`), aggregates them per variable, layer or globally, and folds the
+result into optimizer-owned non-trainable state that keeps, between two reads, the last value,
+the sum (for the mean), the max, a running total and the first step at which each entry was
+non-finite. `optimizer.statistics()` reads all of it in one device-to-host transfer.
+"""
+
+import dataclasses
+import functools
+import math
+import re
+
+import keras
+import numpy as np
+from keras import ops
+
+from optiscope.optimizers import measures
+
+AGGREGATIONS = ("variable", "layer", "global")
+_IGNORED_SLOTS = {"average", "gradient_accumulator"}  # base-class EMA and accumulation buffers
+_OWN_PREFIX = "optiscope_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """One statistic of one group between two reads.
+
+    `mean` and `max` are NaN when no step ran since the previous read; `total` is the running
+    sum since training began (meaningful for counts); `first_nonfinite_step` is the 1-based
+    step at which the value was first NaN/Inf, or None.
+    """
+
+    last: float
+    mean: float
+    max: float
+    total: float
+    first_nonfinite_step: int | None
+
+
+class Statistics:
+    """What `Instrumented.statistics()` returns: a mapping `(statistic, group) -> Summary`.
+
+    `group` is a variable path, a layer path or "global" depending on the aggregation; the
+    per-step values `learning_rate`, `global_grad_norm` and `global_update_norm` have group None.
+    """
+
+    def __init__(self, step, steps, keys, last, mean, maximum, total, first_nonfinite):
+        self.step = step
+        self.steps = steps
+        self._index = {key: i for i, key in enumerate(keys)}
+        self._columns = (last, mean, maximum, total, first_nonfinite)
+
+    def __getitem__(self, key):
+        i = self._index[key]
+        last, mean, maximum, total, first = (float(c[i]) for c in self._columns)
+        return Summary(last, mean, maximum, total, None if first < 0 else int(first))
+
+    def __contains__(self, key):
+        return key in self._index
+
+    def __iter__(self):
+        return iter(self._index)
+
+    def __len__(self):
+        return len(self._index)
+
+    def keys(self):
+        return list(self._index)
+
+    def items(self):
+        return [(key, self[key]) for key in self._index]
+
+    def scalars(self, field="mean"):
+        """Flat `{"<statistic>/<group>": value}` of one field (`last`, `mean`, `max`, `total`)."""
+        column = self._columns[("last", "mean", "max", "total").index(field)]
+        return {
+            name if group is None else f"{name}/{group}": float(column[i])
+            for (name, group), i in self._index.items()
+        }
+
+    def first_nonfinite(self):
+        """`(step, statistic, group)` of the earliest non-finite entry, or None."""
+        first = self._columns[4]
+        bad = [(int(first[i]), key) for key, i in self._index.items() if first[i] >= 0]
+        if not bad:
+            return None
+        step, (name, group) = min(bad, key=lambda item: item[0])
+        return step, name, group
+
+    def __repr__(self):
+        return f"Statistics(step={self.step}, steps={self.steps}, entries={len(self)})"
+
+
+def _patterns(name, value):
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    compiled = []
+    for pattern in values:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"Argument `{name}` must be a regular expression string or a list of them. "
+                f"Received: {name}={value!r}"
+            )
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(
+                f"Argument `{name}` has an invalid regular expression {pattern!r}: {err}"
+            ) from None
+    return tuple(compiled)
+
+
+class _Plan:
+    """Plain (untracked) holder of the instrumentation's settings, layout and state."""
+
+    def __init__(self, statistics, include, exclude, aggregation):
+        self.statistics = statistics
+        self.include = include
+        self.exclude = exclude
+        self.aggregation = aggregation
+        self.recorded_slots = None  # var index -> {slot: variable}, filled during build
+        self.rows = {}  # var index -> row in the selected variables
+        self.trace = {}  # per-trace scratch: pre-decay values, all-reduced gradients
+        self.state = None
+
+
+class Instrumented:
+    """Mixin giving any Keras optimizer per-variable statistics computed in the train step.
+
+    Args (in addition to the optimizer's own):
+        statistics: which statistics to compute: `"default"` (cheap ones plus this optimizer's
+            natural ones), `"all"`, a list of names from `measures.STATISTICS` and/or
+            `"slot_norm"`, `"slot_norm/<slot>"`, `"default"`, `"all"`; or None to compute
+            nothing (the optimizer then runs exactly as the uninstrumented one).
+            Defaults to `"default"`.
+        include: regular expression(s); only variables whose path matches one are measured.
+            Defaults to None (all).
+        exclude: regular expression(s); variables whose path matches one are skipped.
+            Defaults to None.
+        aggregation: `"variable"`, `"layer"` or `"global"`: the groups statistics are
+            reported for. Defaults to `"variable"`.
+    """
+
+    _previous_gradient_slot = None  # a slot that already holds the previous gradient
+    _sign_reference_slot = None  # the first-moment slot `sign_agreement` compares with
+    _natural_statistics = ()  # added to the defaults for this optimizer
+
+    def __init__(
+        self,
+        *args,
+        statistics="default",
+        include=None,
+        exclude=None,
+        aggregation="variable",
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"Argument `aggregation` must be one of {AGGREGATIONS}. "
+                f"Received: aggregation={aggregation!r}"
+            )
+        self._optiscope = _Plan(
+            self._validate_statistics(statistics),
+            _patterns("include", include),
+            _patterns("exclude", exclude),
+            aggregation,
+        )
+        self._optiscope_config = {
+            "statistics": statistics if statistics is None or isinstance(statistics, str)
+            else list(statistics),
+            "include": include if include is None or isinstance(include, str) else list(include),
+            "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
+            "aggregation": aggregation,
+        }
+
+    # ----------------------------------------------------------------- configuration
+    def _available_statistics(self):
+        names = [n for n in measures.STATISTICS if n != "sign_agreement"]
+        if self._sign_reference_slot is not None:
+            names.append("sign_agreement")
+        return names + [measures.SLOT_NORM]
+
+    def _validate_statistics(self, statistics):
+        """Returns the requested names in order, with `default`/`all` expanded."""
+        if statistics is None:
+            return ()
+        requested = [statistics] if isinstance(statistics, str) else list(statistics)
+        available = self._available_statistics()
+        names = []
+        for name in requested:
+            if name == "default":
+                expanded = [*measures.DEFAULT_STATISTICS, *self._natural_statistics]
+            elif name == "all":
+                expanded = available
+            elif not isinstance(name, str):
+                raise TypeError(
+                    "Argument `statistics` must be a name or a list of names. "
+                    f"Received: statistics={statistics!r}"
+                )
+            elif name in available or name.startswith(measures.SLOT_NORM + "/"):
+                expanded = [name]
+            else:
+                raise ValueError(
+                    f"Argument `statistics` has unknown statistic {name!r} for "
+                    f"{type(self).__name__}. Allowed: 'default', 'all', "
+                    f"{', '.join(repr(n) for n in available)}, 'slot_norm/<slot>'. "
+                    f"Received: statistics={statistics!r}"
+                )
+            names += [n for n in expanded if n not in names]
+        return tuple(names)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(self._optiscope_config)
+        return config
+
+    # ----------------------------------------------------------------- build
+    def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
+        variable = super().add_variable_from_reference(
+            reference_variable, name=name, initializer=initializer
+        )
+        recorded = self._optiscope.recorded_slots
+        if recorded is not None and name not in _IGNORED_SLOTS:
+            index = self._trainable_variables_indices.get(self._var_key(reference_variable))
+            if index is not None:
+                recorded.setdefault(index, {})[name or "var"] = variable
+        return variable
+
+    def __init_subclass__(cls, **kwargs):
+        # A subclass's own `build` creates its slots after `super().build()` returns, so the
+        # statistics are laid out when the outermost `build` of the chain finishes.
+        super().__init_subclass__(**kwargs)
+        build = cls.__dict__.get("build")
+        if build is not None and not getattr(build, "_optiscope_outer", False):
+
+            @functools.wraps(build)
+            def outer_build(self, var_list):
+                return self._build_outermost(build, var_list)
+
+            outer_build._optiscope_outer = True
+            cls.build = outer_build
+
+    def build(self, var_list):
+        return self._build_outermost(super(Instrumented, type(self)).build, var_list)
+
+    def _build_outermost(self, build, var_list):
+        plan = self._optiscope
+        if plan.recorded_slots is not None or self.built:
+            return build(self, var_list)
+        plan.recorded_slots = {}
+        try:
+            build(self, var_list)
+        finally:
+            recorded, plan.recorded_slots = plan.recorded_slots, None
+        if plan.statistics:
+            self._build_statistics(var_list, recorded)
+
+    def _build_statistics(self, var_list, recorded_slots):
+        plan = self._optiscope
+        selected = []
+        for index, variable in enumerate(var_list):
+            path = variable.path
+            if plan.include and not any(p.search(path) for p in plan.include):
+                continue
+            if any(p.search(path) for p in plan.exclude):
+                continue
+            if getattr(variable, "overwrite_with_gradient", False):
+                continue
+            selected.append((index, variable))
+        if not selected:
+            raise ValueError(
+                "Arguments `include`/`exclude` select no variable to measure. Variable paths: "
+                f"{[v.path for v in var_list]}"
+            )
+        slots = {index: recorded_slots.get(index, {}) for index, _ in selected}
+        slot_names = list(dict.fromkeys(name for s in slots.values() for name in s))
+
+        statistics = []
+        for name in plan.statistics:
+            if name == measures.SLOT_NORM:
+                statistics += [measures.slot_statistic(s) for s in slot_names]
+            elif name.startswith(measures.SLOT_NORM + "/"):
+                slot = name.split("/", 1)[1]
+                if slot not in slot_names:
+                    raise ValueError(
+                        f"Argument `statistics` asks for {name!r}, but {type(self).__name__} "
+                        f"keeps the slots {slot_names}."
+                    )
+                statistics.append(measures.slot_statistic(slot))
+            else:
+                statistics.append(measures.STATISTICS[name])
+        quantities = list(dict.fromkeys(q for s in statistics for q in s.quantities))
+        if "grad_sq" not in quantities:
+            quantities.append("grad_sq")  # for global_grad_norm
+
+        own_previous = {}
+        if set(quantities) & measures.NEEDS_PREVIOUS_GRADIENT and not self._previous_gradient_slot:
+            for index, variable in selected:
+                own_previous[index] = self.add_variable_from_reference(
+                    variable, _OWN_PREFIX + "previous_gradient"
+                )
+
+        paths = _unique([v.path for _, v in selected])
+        if plan.aggregation == "variable":
+            groups, membership = paths, None
+        else:
+            keys = (
+                [p.rsplit("/", 1)[0] if "/" in p else p for p in paths]
+                if plan.aggregation == "layer"
+                else ["global"] * len(paths)
+            )
+            groups = list(dict.fromkeys(keys))
+            membership = np.zeros((len(groups), len(paths)), "float32")
+            for column, key in enumerate(keys):
+                membership[groups.index(key), column] = 1.0
+
+        global_names = ["learning_rate", "global_grad_norm"]
+        if "update_sq" in quantities:
+            global_names.append("global_update_norm")
+        keys = [(s.name, g) for s in statistics for g in groups] + [(n, None) for n in global_names]
+        size = len(keys)
+
+        def state(name, dtype, value=0.0, shape=(size,)):
+            return self.add_variable(
+                shape=shape,
+                initializer=keras.initializers.Constant(value),
+                dtype=dtype,
+                aggregation="only_first_replica",
+                name=_OWN_PREFIX + name,
+            )
+
+        plan.rows = {index: row for row, (index, _) in enumerate(selected)}
+        plan.selected_slots = [slots[index] for index, _ in selected]
+        plan.own_previous = own_previous
+        plan.statistic_list = statistics
+        plan.quantities = quantities
+        plan.global_names = global_names
+        plan.membership = membership
+        plan.keys = keys
+        plan.needs_old = bool(set(quantities) & measures.NEEDS_OLD_VALUE)
+        plan.needs_previous = bool(set(quantities) & measures.NEEDS_PREVIOUS_GRADIENT)
+        plan.needs_sign = bool(set(quantities) & measures.NEEDS_SIGN_REFERENCE)
+        plan.state = _State(
+            last=state("last", "float32"),
+            sum=state("sum", "float32"),
+            max=state("max", "float32", -math.inf),
+            total=state("total", "float64"),
+            first_nonfinite=state("first_nonfinite_step", "float64", -1.0),
+            counts=state("counts", "float64", shape=(2,)),  # [steps since read, all steps]
+        )
+
+    @property
+    def statistic_keys(self):
+        """The `(statistic, group)` keys that `statistics()` reports, once built."""
+        state = self._optiscope.state
+        return list(self._optiscope.keys) if state is not None else []
+
+    # ----------------------------------------------------------------- train step
+    def _active(self):
+        return self._optiscope.state is not None
+
+    def _apply_weight_decay(self, variables):
+        plan = self._optiscope
+        if self._active() and plan.needs_old and self.weight_decay is not None:
+            plan.trace["pre_decay"] = self._read_selected(variables)
+        super()._apply_weight_decay(variables)
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        reduced = super()._all_reduce_sum_gradients(grads_and_vars)
+        if self._active():
+            plan = self._optiscope
+            plan.trace["reduced"] = {
+                self._get_variable_index(v): g for g, v in reduced if g is not None
+            }
+        return reduced
+
+    def _read_selected(self, variables):
+        rows = self._optiscope.rows
+        values = {}
+        for variable in variables:
+            index = self._get_variable_index(variable)
+            if index in rows:
+                values[index] = _read(variable)
+        return values
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if not self._active():
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        plan = self._optiscope
+        trace = plan.trace
+        old_values = trace.pop("pre_decay", None)
+        if plan.needs_old and old_values is None:
+            old_values = self._read_selected(trainable_variables)
+        previous = {}
+        if plan.needs_previous:
+            for variable in trainable_variables:
+                index = self._get_variable_index(variable)
+                if index in plan.rows:
+                    source = plan.own_previous.get(index)
+                    if source is None:
+                        source = plan.selected_slots[plan.rows[index]][self._previous_gradient_slot]
+                    previous[index] = _read(source)
+
+        super()._backend_update_step(grads, trainable_variables, learning_rate)
+
+        reduced = trace.pop("reduced", {})
+        rows = [None] * len(plan.rows)
+        for gradient, variable in zip(grads, trainable_variables, strict=True):
+            index = self._get_variable_index(variable)
+            if index not in plan.rows or gradient is None:
+                continue
+            gradient = _dense(reduced.get(index, gradient))
+            dtype = _compute_dtype(variable.dtype)
+            slots = plan.selected_slots[plan.rows[index]]
+            step = measures.VariableStep(
+                gradient=ops.cast(gradient, dtype),
+                old_value=ops.cast(old_values[index], dtype) if plan.needs_old else None,
+                new_value=ops.cast(variable, dtype),
+                slots={name: ops.cast(slot, dtype) for name, slot in slots.items()},
+                previous_gradient=(
+                    ops.cast(previous[index], dtype) if plan.needs_previous else None
+                ),
+                sign_reference=(
+                    ops.cast(slots[self._sign_reference_slot], dtype) if plan.needs_sign else None
+                ),
+            )
+            rows[plan.rows[index]] = ops.stack(
+                [ops.cast(measures.QUANTITIES[q](step), "float32") for q in plan.quantities]
+            )
+            if index in plan.own_previous:
+                self.assign(plan.own_previous[index], gradient)
+        zero = ops.zeros((len(plan.quantities),), "float32")
+        per_variable = ops.stack([zero if r is None else r for r in rows])
+        self._record(per_variable, learning_rate)
+
+    def _record(self, per_variable, learning_rate):
+        """Finalizes the statistics of one step and folds them into the state."""
+        plan = self._optiscope
+        grouped = (
+            per_variable
+            if plan.membership is None
+            else ops.matmul(ops.convert_to_tensor(plan.membership), per_variable)
+        )
+        columns = {q: grouped[:, i] for i, q in enumerate(plan.quantities)}
+        parts = [s.finalize(*(columns[q] for q in s.quantities)) for s in plan.statistic_list]
+        totals = ops.sum(per_variable, axis=0)
+        global_values = {
+            "learning_rate": ops.cast(learning_rate, "float32"),
+            "global_grad_norm": ops.sqrt(totals[plan.quantities.index("grad_sq")]),
+        }
+        if "global_update_norm" in plan.global_names:
+            global_values["global_update_norm"] = ops.sqrt(
+                totals[plan.quantities.index("update_sq")]
+            )
+        parts.append(ops.stack([global_values[n] for n in plan.global_names]))
+        values = ops.cast(ops.concatenate(parts), "float32")
+
+        s = plan.state
+        step = ops.cast(self.iterations + 1, "float64")
+        newly_bad = ops.logical_and(
+            ops.less(s.first_nonfinite, 0.0), ops.logical_not(ops.isfinite(values))
+        )
+        self.assign(s.first_nonfinite, ops.where(newly_bad, step, s.first_nonfinite))
+        self.assign(s.last, values)
+        self.assign_add(s.sum, values)
+        self.assign(s.max, ops.maximum(s.max, values))
+        self.assign_add(s.total, ops.cast(values, "float64"))
+        self.assign_add(s.counts, ops.ones((2,), "float64"))
+
+    # ----------------------------------------------------------------- reading
+    def statistics(self, reset=True):
+        """Reads every statistic in one device-to-host transfer.
+
+        Args:
+            reset: start a new window after reading, so that the next read's mean and max
+                cover only the steps in between. Defaults to True.
+
+        Returns:
+            A `Statistics` mapping `(statistic, group) -> Summary`.
+        """
+        plan = self._optiscope
+        if not plan.statistics:
+            raise ValueError(
+                f"{type(self).__name__} was created with statistics=None: nothing is measured."
+            )
+        if plan.state is None:
+            raise RuntimeError(
+                "The optimizer is not built yet: statistics exist once it has been built "
+                "(by `model.fit`, `optimizer.build(variables)` or a first `apply`)."
+            )
+        s = plan.state
+        packed = ops.concatenate(
+            [
+                ops.cast(s.last, "float64"),
+                ops.cast(s.sum, "float64"),
+                ops.cast(s.max, "float64"),
+                s.total,
+                s.first_nonfinite,
+                s.counts,
+                ops.reshape(ops.cast(self.iterations, "float64"), (1,)),
+            ]
+        )
+        flat = ops.convert_to_numpy(packed)  # the one transfer
+        if reset:
+            s.sum.assign(ops.zeros_like(s.sum))
+            s.max.assign(ops.full_like(s.max, -math.inf))
+            s.counts.assign(s.counts * ops.convert_to_tensor([0.0, 1.0], "float64"))
+        n = len(plan.keys)
+        last, total_sum, maximum, total, first = (flat[i * n : (i + 1) * n] for i in range(5))
+        steps = int(flat[5 * n])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total_sum / steps if steps else np.full(n, np.nan)
+            maximum = maximum if steps else np.full(n, np.nan)
+        return Statistics(int(flat[-1]), steps, plan.keys, last, mean, maximum, total, first)
+
+
+@dataclasses.dataclass
+class _State:
+    last: object
+    sum: object
+    max: object
+    total: object
+    first_nonfinite: object
+    counts: object
+
+
+def _read(variable):
+    """The variable's current value (a Keras variable converts to itself on TensorFlow)."""
+    return ops.copy(variable)
+
+
+def _unique(paths):
+    seen = {}
+    unique = []
+    for path in paths:
+        seen[path] = seen.get(path, 0) + 1
+        unique.append(path if seen[path] == 1 else f"{path}#{seen[path] - 1}")
+    return unique
+
+
+def _compute_dtype(dtype):
+    return "float64" if str(dtype) == "float64" else "float32"
+
+
+def _dense(gradient):
+    """Densifies a sparse (IndexedSlices-like) gradient; dense tensors pass through."""
+    if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
+        indices = ops.expand_dims(gradient.indices, -1)
+        return ops.scatter(indices, gradient.values, gradient.dense_shape)
+    return gradient
+
+
+def unwrap(optimizer):
+    """The instrumented optimizer inside `optimizer` (e.g. a `LossScaleOptimizer`), or None."""
+    while optimizer is not None and not isinstance(optimizer, Instrumented):
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return optimizer
+
+
+_INSTRUMENTED = {}
+
+
+def instrument(optimizer_class, *, sign_reference_slot=None):
+    """Returns an instrumented subclass of a Keras optimizer class (cached per class).
+
+    The class is named `Instrumented<Name>` and registered for serialisation under the
+    `optiscope` package, so `.keras` files that use it load once it has been created.
+
+    Args:
+        optimizer_class: a subclass of `keras.optimizers.Optimizer`.
+        sign_reference_slot: the name of a first-moment slot with the gradient's sign
+            convention, which enables `sign_agreement`. Defaults to None.
+    """
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, keras.Optimizer)):
+        raise TypeError(
+            "Argument `optimizer_class` must be a subclass of keras.optimizers.Optimizer. "
+            f"Received: optimizer_class={optimizer_class!r}"
+        )
+    if issubclass(optimizer_class, Instrumented):
+        return optimizer_class
+    if optimizer_class not in _INSTRUMENTED:
+        name = f"Instrumented{optimizer_class.__name__}"
+        attributes = {"__module__": __name__, "__qualname__": name, "__doc__": (
+            f"`{optimizer_class.__name__}` with optiscope statistics (see `Instrumented`)."
+        )}
+        if sign_reference_slot is not None:
+            attributes["_sign_reference_slot"] = sign_reference_slot
+        cls = type(name, (Instrumented, optimizer_class), attributes)
+        _INSTRUMENTED[optimizer_class] = keras.saving.register_keras_serializable(
+            package="optiscope"
+        )(cls)
+    return _INSTRUMENTED[optimizer_class]
