@@ -35,5 +35,7 @@ def check_learning_rate(value):
 
 def check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"Argument `{name}` must be a positive integer. Received: {name}={value!r}")
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
+        )
     return int(value)

@@ -19,6 +19,7 @@ import numpy as np
 from keras import ops
 
 from optiscope.optimizers import measures
+from optiscope.optimizers._common import dense_gradient
 
 AGGREGATIONS = ("variable", "layer", "global")
 _IGNORED_SLOTS = {"average", "gradient_accumulator"}  # base-class EMA and accumulation buffers
@@ -172,7 +173,8 @@ class Instrumented:
             aggregation,
         )
         self._optiscope_config = {
-            "statistics": statistics if statistics is None or isinstance(statistics, str)
+            "statistics": statistics
+            if statistics is None or isinstance(statistics, str)
             else list(statistics),
             "include": include if include is None or isinstance(include, str) else list(include),
             "exclude": exclude if exclude is None or isinstance(exclude, str) else list(exclude),
@@ -415,8 +417,8 @@ class Instrumented:
             index = self._get_variable_index(variable)
             if index not in plan.rows or gradient is None:
                 continue
-            gradient = _dense(reduced.get(index, gradient))
             dtype = _compute_dtype(variable.dtype)
+            gradient = dense_gradient(reduced.get(index, gradient), dtype)
             slots = plan.selected_slots[plan.rows[index]]
             step = measures.VariableStep(
                 gradient=ops.cast(gradient, dtype),
@@ -548,14 +550,6 @@ def _compute_dtype(dtype):
     return "float64" if str(dtype) == "float64" else "float32"
 
 
-def _dense(gradient):
-    """Densifies a sparse (IndexedSlices-like) gradient; dense tensors pass through."""
-    if hasattr(gradient, "indices") and hasattr(gradient, "dense_shape"):
-        indices = ops.expand_dims(gradient.indices, -1)
-        return ops.scatter(indices, gradient.values, gradient.dense_shape)
-    return gradient
-
-
 def unwrap(optimizer):
     """The instrumented optimizer inside `optimizer` (e.g. a `LossScaleOptimizer`), or None."""
     while optimizer is not None and not isinstance(optimizer, Instrumented):
@@ -586,9 +580,13 @@ def instrument(optimizer_class, *, sign_reference_slot=None):
         return optimizer_class
     if optimizer_class not in _INSTRUMENTED:
         name = f"Instrumented{optimizer_class.__name__}"
-        attributes = {"__module__": __name__, "__qualname__": name, "__doc__": (
-            f"`{optimizer_class.__name__}` with optiscope statistics (see `Instrumented`)."
-        )}
+        attributes = {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": (
+                f"`{optimizer_class.__name__}` with optiscope statistics (see `Instrumented`)."
+            ),
+        }
         if sign_reference_slot is not None:
             attributes["_sign_reference_slot"] = sign_reference_slot
         cls = type(name, (Instrumented, optimizer_class), attributes)
