@@ -127,6 +127,7 @@ class _Plan:
         self.recorded_slots = None  # var index -> {slot: variable}, filled during build
         self.rows = {}  # var index -> row in the selected variables
         self.trace = {}  # per-trace scratch: pre-decay values, all-reduced gradients
+        self.reader = None
         self.state = None
 
 
@@ -476,6 +477,26 @@ class Instrumented:
         self.assign_add(s.counts, ops.ones((2,), "float64"))
 
     # ----------------------------------------------------------------- reading
+    def _read_state(self, reset):
+        """All state packed into one float64 vector; optionally starts a new window."""
+        s = self._optiscope.state
+        packed = ops.concatenate(
+            [
+                ops.cast(s.last, "float64"),
+                ops.cast(s.sum, "float64"),
+                ops.cast(s.max, "float64"),
+                ops.cast(s.total, "float64"),
+                ops.cast(s.first_nonfinite, "float64"),
+                ops.cast(s.counts, "float64"),
+                ops.reshape(ops.cast(self.iterations, "float64"), (1,)),
+            ]
+        )
+        if reset:
+            s.sum.assign(ops.zeros_like(s.sum))
+            s.max.assign(ops.full_like(s.max, -math.inf))
+            s.counts.assign(s.counts * ops.convert_to_tensor([0.0, 1.0], "float64"))
+        return packed
+
     def statistics(self, reset=True):
         """Reads every statistic in one device-to-host transfer.
 
@@ -496,23 +517,9 @@ class Instrumented:
                 "The optimizer is not built yet: statistics exist once it has been built "
                 "(by `model.fit`, `optimizer.build(variables)` or a first `apply`)."
             )
-        s = plan.state
-        packed = ops.concatenate(
-            [
-                ops.cast(s.last, "float64"),
-                ops.cast(s.sum, "float64"),
-                ops.cast(s.max, "float64"),
-                s.total,
-                s.first_nonfinite,
-                s.counts,
-                ops.reshape(ops.cast(self.iterations, "float64"), (1,)),
-            ]
-        )
-        flat = ops.convert_to_numpy(packed)  # the one transfer
-        if reset:
-            s.sum.assign(ops.zeros_like(s.sum))
-            s.max.assign(ops.full_like(s.max, -math.inf))
-            s.counts.assign(s.counts * ops.convert_to_tensor([0.0, 1.0], "float64"))
+        if plan.reader is None:
+            plan.reader = _compiled(self._read_state)
+        flat = ops.convert_to_numpy(plan.reader(bool(reset)))  # the one transfer
         n = len(plan.keys)
         last, total_sum, maximum, total, first = (flat[i * n : (i + 1) * n] for i in range(5))
         steps = int(flat[5 * n])
@@ -530,6 +537,15 @@ class _State:
     total: object
     first_nonfinite: object
     counts: object
+
+
+def _compiled(fn):
+    """`fn` as one graph call where the backend can (TensorFlow), else as it is."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn)
+    return fn
 
 
 def _read(variable):

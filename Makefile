@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine with Python >= 3.11:
+#   make run   - install into .venv and run the main job on the embedded defaults
+#   make test  - install into .venv (with test tools) and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: run test lint benchmarks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/optiscope demo
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+benchmarks: $(VENV)/.installed
+	$(BIN)/python benchmarks/update_rules.py
+	$(BIN)/python benchmarks/instrumentation_overhead.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,31 @@
+"""Side-by-side timing helpers: variants are measured in interleaved rounds, so that a
+slow moment of the machine hits every variant alike, and compared by their medians."""
+
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def interleaved(variants, rounds, repeats=1):
+    """`variants` maps name -> zero-argument callable. Returns name -> median seconds/call."""
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn()
+            samples[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def machine():
+    import keras
+    import tensorflow as tf
+
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
+    )
