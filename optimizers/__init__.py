@@ -10,6 +10,7 @@ from optiscope.optimizers.instrumentation import (
     Summary,
     instrument,
     unwrap,
+    variable_keys,
 )
 from optiscope.optimizers.measures import (
     DEFAULT_STATISTICS,
@@ -55,4 +56,5 @@ __all__ = [
     "register_quantity",
     "register_statistic",
     "unwrap",
+    "variable_keys",
 ]

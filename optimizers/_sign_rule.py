@@ -45,7 +45,7 @@ class SignRule(Instrumented, keras.optimizers.Optimizer):
         """d(t) at the 0-based step t = `iterations` before this update."""
         if isinstance(self.sign_decay, SignDecay):
             return ops.cast(self.sign_decay(ops.cast(self.iterations, dtype)), dtype)
-        return ops.cast(self.sign_decay, dtype)
+        return ops.convert_to_tensor(self.sign_decay, dtype)
 
     def _multiplier(self, scaled_agreement, dtype):
         raise NotImplementedError
@@ -55,7 +55,7 @@ class SignRule(Instrumented, keras.optimizers.Optimizer):
         lr = ops.cast(learning_rate, dtype)
         g = dense_gradient(gradient, dtype)
         m = self._m[self._get_variable_index(variable)]
-        beta = ops.cast(self.beta, dtype)
+        beta = ops.convert_to_tensor(self.beta, dtype)
 
         m_new = ops.add(ops.multiply(m, beta), ops.multiply(g, 1 - beta))
         self.assign(m, m_new)

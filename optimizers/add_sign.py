@@ -58,7 +58,7 @@ class AddSign(SignRule):
         self.alpha = alpha
 
     def _multiplier(self, scaled_agreement, dtype):
-        return ops.add(ops.cast(self.alpha, dtype), scaled_agreement)
+        return ops.add(ops.convert_to_tensor(self.alpha, dtype), scaled_agreement)
 
     def get_config(self):
         config = super().get_config()

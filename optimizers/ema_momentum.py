@@ -64,7 +64,7 @@ class EMAMomentum(Instrumented, keras.optimizers.Optimizer):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         g = dense_gradient(gradient, dtype)
-        mu = ops.cast(self.momentum, dtype)
+        mu = ops.convert_to_tensor(self.momentum, dtype)
         m = self._momentums[self._get_variable_index(variable)]
 
         m_new = ops.add(ops.multiply(m, mu), ops.multiply(g, 1 - mu))

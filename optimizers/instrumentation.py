@@ -11,7 +11,6 @@ non-finite. `optimizer.statistics()` reads all of it in one device-to-host trans
 
 import dataclasses
 import functools
-import math
 import re
 
 import keras
@@ -124,10 +123,11 @@ class _Plan:
         self.include = include
         self.exclude = exclude
         self.aggregation = aggregation
-        self.recorded_slots = None  # var index -> {slot: variable}, filled during build
+        self.recorded_slots = None  # variable key -> {slot: variable}, filled during build
         self.rows = {}  # var index -> row in the selected variables
         self.trace = {}  # per-trace scratch: pre-decay values, all-reduced gradients
         self.reader = None
+        self.marks = None
         self.state = None
 
 
@@ -223,6 +223,11 @@ class Instrumented:
         config.update(self._optiscope_config)
         return config
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # The base class deserialises the learning rate in place: work on a copy.
+        return super().from_config(dict(config), custom_objects=custom_objects)
+
     # ----------------------------------------------------------------- build
     def add_variable_from_reference(self, reference_variable, name=None, initializer="zeros"):
         variable = super().add_variable_from_reference(
@@ -230,9 +235,7 @@ class Instrumented:
         )
         recorded = self._optiscope.recorded_slots
         if recorded is not None and name not in _IGNORED_SLOTS:
-            index = self._trainable_variables_indices.get(self._var_key(reference_variable))
-            if index is not None:
-                recorded.setdefault(index, {})[name or "var"] = variable
+            recorded.setdefault(self._var_key(reference_variable), {})[name or "var"] = variable
         return variable
 
     def __init_subclass__(cls, **kwargs):
@@ -266,9 +269,9 @@ class Instrumented:
 
     def _build_statistics(self, var_list, recorded_slots):
         plan = self._optiscope
-        selected = []
-        for index, variable in enumerate(var_list):
-            path = variable.path
+        all_paths = variable_keys(var_list)
+        selected, paths = [], []
+        for index, (variable, path) in enumerate(zip(var_list, all_paths, strict=True)):
             if plan.include and not any(p.search(path) for p in plan.include):
                 continue
             if any(p.search(path) for p in plan.exclude):
@@ -276,12 +279,13 @@ class Instrumented:
             if getattr(variable, "overwrite_with_gradient", False):
                 continue
             selected.append((index, variable))
+            paths.append(path)
         if not selected:
             raise ValueError(
-                "Arguments `include`/`exclude` select no variable to measure. Variable paths: "
-                f"{[v.path for v in var_list]}"
+                f"Arguments `include`/`exclude` select no variable to measure. Variable paths: "
+                f"{all_paths}"
             )
-        slots = {index: recorded_slots.get(index, {}) for index, _ in selected}
+        slots = {index: recorded_slots.get(self._var_key(v), {}) for index, v in selected}
         slot_names = list(dict.fromkeys(name for s in slots.values() for name in s))
 
         statistics = []
@@ -309,7 +313,6 @@ class Instrumented:
                     variable, _OWN_PREFIX + "previous_gradient"
                 )
 
-        paths = _unique([v.path for _, v in selected])
         if plan.aggregation == "variable":
             groups, membership = paths, None
         else:
@@ -329,16 +332,9 @@ class Instrumented:
         keys = [(s.name, g) for s in statistics for g in groups] + [(n, None) for n in global_names]
         size = len(keys)
 
-        def state(name, dtype, value=0.0, shape=(size,)):
-            return self.add_variable(
-                shape=shape,
-                initializer=keras.initializers.Constant(value),
-                dtype=dtype,
-                aggregation="only_first_replica",
-                name=_OWN_PREFIX + name,
-            )
-
         plan.rows = {index: row for row, (index, _) in enumerate(selected)}
+        plan.selected_variables = [v for _, v in selected]
+        plan.paths = paths
         plan.selected_slots = [slots[index] for index, _ in selected]
         plan.own_previous = own_previous
         plan.statistic_list = statistics
@@ -349,13 +345,19 @@ class Instrumented:
         plan.needs_old = bool(set(quantities) & measures.NEEDS_OLD_VALUE)
         plan.needs_previous = bool(set(quantities) & measures.NEEDS_PREVIOUS_GRADIENT)
         plan.needs_sign = bool(set(quantities) & measures.NEEDS_SIGN_REFERENCE)
-        plan.state = _State(
-            last=state("last", "float32"),
-            sum=state("sum", "float32"),
-            max=state("max", "float32", -math.inf),
-            total=state("total", "float64"),
-            first_nonfinite=state("first_nonfinite_step", "float64", -1.0),
-            counts=state("counts", "float64", shape=(2,)),  # [steps since read, all steps]
+        plan.state = self.add_variable(
+            shape=(_ROWS * size + _HEADER,),
+            initializer=keras.initializers.Constant(_initial_state(size)),
+            dtype="float64",
+            aggregation="only_first_replica",
+            name=_OWN_PREFIX + "statistics",
+        )
+        plan.marks = self.add_variable(
+            shape=(_MARK_ROWS * size + _MARK_HEADER,),
+            initializer="zeros",
+            dtype="float64",
+            aggregation="only_first_replica",
+            name=_OWN_PREFIX + "read_marks",
         )
 
     @property
@@ -413,34 +415,48 @@ class Instrumented:
         super()._backend_update_step(grads, trainable_variables, learning_rate)
 
         reduced = trace.pop("reduced", {})
-        rows = [None] * len(plan.rows)
-        for gradient, variable in zip(grads, trainable_variables, strict=True):
+        gradients = {
+            self._get_variable_index(v): g
+            for g, v in zip(grads, trainable_variables, strict=True)
+            if g is not None
+        }
+        rows = []
+        for variable in plan.selected_variables:
             index = self._get_variable_index(variable)
-            if index not in plan.rows or gradient is None:
+            if index not in gradients:  # no gradient this step: measured as a zero gradient
+                value = _read(variable)
+                zero = ops.zeros_like(value)
+                rows.append(self._quantities(index, zero, value, value, zero))
                 continue
-            dtype = _compute_dtype(variable.dtype)
-            gradient = dense_gradient(reduced.get(index, gradient), dtype)
-            slots = plan.selected_slots[plan.rows[index]]
-            step = measures.VariableStep(
-                gradient=ops.cast(gradient, dtype),
-                old_value=ops.cast(old_values[index], dtype) if plan.needs_old else None,
-                new_value=ops.cast(variable, dtype),
-                slots={name: ops.cast(slot, dtype) for name, slot in slots.items()},
-                previous_gradient=(
-                    ops.cast(previous[index], dtype) if plan.needs_previous else None
-                ),
-                sign_reference=(
-                    ops.cast(slots[self._sign_reference_slot], dtype) if plan.needs_sign else None
-                ),
+            gradient = dense_gradient(
+                reduced.get(index, gradients[index]), _compute_dtype(variable.dtype)
             )
-            rows[plan.rows[index]] = ops.stack(
-                [ops.cast(measures.QUANTITIES[q](step), "float32") for q in plan.quantities]
-            )
+            old = old_values[index] if plan.needs_old else None
+            rows.append(self._quantities(index, gradient, old, variable, previous.get(index)))
             if index in plan.own_previous:
                 self.assign(plan.own_previous[index], gradient)
-        zero = ops.zeros((len(plan.quantities),), "float32")
-        per_variable = ops.stack([zero if r is None else r for r in rows])
-        self._record(per_variable, learning_rate)
+        self._record(ops.stack(rows), learning_rate)
+
+    def _quantities(self, index, gradient, old_value, new_value, previous_gradient):
+        """The quantities of one variable's step, as a float32 vector."""
+        plan = self._optiscope
+        dtype = _compute_dtype(new_value.dtype)
+        slots = plan.selected_slots[plan.rows[index]]
+
+        def cast(x, needed=True):
+            return ops.cast(x, dtype) if needed else None
+
+        step = measures.VariableStep(
+            gradient=cast(gradient),
+            old_value=cast(old_value, plan.needs_old),
+            new_value=cast(new_value),
+            slots={name: cast(slot) for name, slot in slots.items()},
+            previous_gradient=cast(previous_gradient, plan.needs_previous),
+            sign_reference=(cast(slots[self._sign_reference_slot]) if plan.needs_sign else None),
+        )
+        return ops.stack(
+            [ops.cast(measures.QUANTITIES[q](step), "float32") for q in plan.quantities]
+        )
 
     def _record(self, per_variable, learning_rate):
         """Finalizes the statistics of one step and folds them into the state."""
@@ -464,45 +480,67 @@ class Instrumented:
         parts.append(ops.stack([global_values[n] for n in plan.global_names]))
         values = ops.cast(ops.concatenate(parts), "float32")
 
-        s = plan.state
+        self._fold(ops.cast(values, "float64"))
+
+    def _fold(self, values):
+        """One step's values into the state, in a single assignment (see `_initial_state`)."""
+        plan = self._optiscope
+        n = len(plan.keys)
+        state = ops.copy(plan.state)
+        last, total, maximum, first, bad = (state[r * n : (r + 1) * n] for r in range(_ROWS))
+        count, window = state[_ROWS * n], state[_ROWS * n + 1]
+        requested = ops.copy(plan.marks)[_MARK_ROWS * n + 1]
         step = ops.cast(self.iterations + 1, "float64")
-        newly_bad = ops.logical_and(
-            ops.less(s.first_nonfinite, 0.0), ops.logical_not(ops.isfinite(values))
-        )
-        self.assign(s.first_nonfinite, ops.where(newly_bad, step, s.first_nonfinite))
-        self.assign(s.last, values)
-        self.assign_add(s.sum, values)
-        self.assign(s.max, ops.maximum(s.max, values))
-        self.assign_add(s.total, ops.cast(values, "float64"))
-        self.assign_add(s.counts, ops.ones((2,), "float64"))
+
+        finite = ops.isfinite(values)
+        new_window = ops.greater(requested, window)
+        new_state = [
+            values,
+            total + ops.where(finite, values, ops.zeros_like(values)),
+            ops.where(new_window, values, ops.maximum(maximum, values)),
+            ops.where(ops.logical_and(ops.less(first, 0.0), ops.logical_not(finite)), step, first),
+            bad + ops.cast(ops.logical_not(finite), "float64"),
+            ops.stack([count + 1.0, ops.maximum(window, requested), step]),
+        ]
+        self.assign(plan.state, ops.concatenate(new_state))
 
     # ----------------------------------------------------------------- reading
-    def _read_state(self, reset):
-        """All state packed into one float64 vector; optionally starts a new window."""
-        s = self._optiscope.state
-        packed = ops.concatenate(
-            [
-                ops.cast(s.last, "float64"),
-                ops.cast(s.sum, "float64"),
-                ops.cast(s.max, "float64"),
-                ops.cast(s.total, "float64"),
-                ops.cast(s.first_nonfinite, "float64"),
-                ops.cast(s.counts, "float64"),
-                ops.reshape(ops.cast(self.iterations, "float64"), (1,)),
-            ]
-        )
-        if reset:
-            s.sum.assign(ops.zeros_like(s.sum))
-            s.max.assign(ops.full_like(s.max, -math.inf))
-            s.counts.assign(s.counts * ops.convert_to_tensor([0.0, 1.0], "float64"))
-        return packed
+    def slot_values(self):
+        """`{(slot, variable key): NumPy array}` for the measured variables (e.g. histograms)."""
+        plan = self._optiscope
+        if plan.state is None:
+            return {}
+        return {
+            (slot, path): ops.convert_to_numpy(variable)
+            for path, slots in zip(plan.paths, plan.selected_slots, strict=True)
+            for slot, variable in slots.items()
+        }
+
+    def _read_state(self, advance):
+        """The state and this reader's marks as one vector; `advance` moves the marks to now
+        and asks the train step to start a new window for the max."""
+        plan = self._optiscope
+        n = len(plan.keys)
+        state = ops.copy(plan.state)
+        marks = ops.copy(plan.marks)
+        if advance:
+            count, window = state[_ROWS * n], state[_ROWS * n + 1]
+            self.assign(
+                plan.marks,
+                ops.concatenate(
+                    [state[n : 2 * n], state[4 * n : 5 * n], ops.stack([count, window + 1.0])]
+                ),
+            )
+        return ops.concatenate([state, marks])
 
     def statistics(self, reset=True):
         """Reads every statistic in one device-to-host transfer.
 
         Args:
             reset: start a new window after reading, so that the next read's mean and max
-                cover only the steps in between. Defaults to True.
+                cover only the steps in between. Defaults to True. Reads are consistent even
+                from another thread while training runs (each sees whole steps); with more
+                than one reader, the max window restarts at any reader's reset.
 
         Returns:
             A `Statistics` mapping `(statistic, group) -> Summary`.
@@ -521,22 +559,34 @@ class Instrumented:
             plan.reader = _compiled(self._read_state)
         flat = ops.convert_to_numpy(plan.reader(bool(reset)))  # the one transfer
         n = len(plan.keys)
-        last, total_sum, maximum, total, first = (flat[i * n : (i + 1) * n] for i in range(5))
-        steps = int(flat[5 * n])
+        rows = [flat[r * n : (r + 1) * n] for r in range(_ROWS)]
+        last, total, maximum, first, bad = rows
+        count, window, step = flat[_ROWS * n : _ROWS * n + _HEADER]
+        marks = flat[_ROWS * n + _HEADER :]
+        read_total, read_bad = marks[:n], marks[n : 2 * n]
+        read_count, requested = marks[2 * n], marks[2 * n + 1]
+        steps = int(count - read_count)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = total_sum / steps if steps else np.full(n, np.nan)
-            maximum = maximum if steps else np.full(n, np.nan)
-        return Statistics(int(flat[-1]), steps, plan.keys, last, mean, maximum, total, first)
+            mean = (total - read_total) / steps if steps else np.full(n, np.nan)
+        mean = np.where(bad > read_bad, np.nan, mean)
+        if steps == 0 or requested > window:
+            maximum = np.full(n, np.nan)
+        return Statistics(int(step), steps, plan.keys, last, mean, maximum, total, first)
 
 
-@dataclasses.dataclass
-class _State:
-    last: object
-    sum: object
-    max: object
-    total: object
-    first_nonfinite: object
-    counts: object
+# The state is one float64 vector written only by the train step, so that a read sees one
+# whole step (also when a callback reads from another thread): rows of n entries
+#   last | total (sum of finite values) | max of the current window | first non-finite step |
+#   number of non-finite values
+# then `count` (steps), `window` (the current max window) and `step` (of the last update).
+# The marks, written only by readers, hold total, non-finite number and count at the last read,
+# and the window the reader asked for. Means are differences of totals, so they are exact.
+_ROWS, _HEADER, _MARK_ROWS, _MARK_HEADER = 5, 3, 2, 2
+
+
+def _initial_state(n):
+    rows = [np.zeros(n), np.zeros(n), np.full(n, -np.inf), np.full(n, -1.0), np.zeros(n)]
+    return np.concatenate(rows + [np.zeros(_HEADER)])
 
 
 def _compiled(fn):
@@ -551,6 +601,16 @@ def _compiled(fn):
 def _read(variable):
     """The variable's current value (a Keras variable converts to itself on TensorFlow)."""
     return ops.copy(variable)
+
+
+def variable_keys(variables):
+    """The keys statistics use for variables: their paths, made unique, without a first
+    component that all of them share when every path has at least three components (the
+    scope of a Sequential model, which Keras drops when the model is reloaded)."""
+    parts = [v.path.split("/") for v in variables]
+    if parts and all(len(p) >= 3 and p[0] == parts[0][0] for p in parts):
+        parts = [p[1:] for p in parts]
+    return _unique(["/".join(p) for p in parts])
 
 
 def _unique(paths):

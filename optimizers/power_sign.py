@@ -58,7 +58,7 @@ class PowerSign(SignRule):
         self._log_base = log_base
 
     def _multiplier(self, scaled_agreement, dtype):
-        return ops.exp(ops.multiply(ops.cast(self._log_base, dtype), scaled_agreement))
+        return ops.exp(ops.multiply(ops.convert_to_tensor(self._log_base, dtype), scaled_agreement))
 
     def get_config(self):
         config = super().get_config()

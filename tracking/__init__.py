@@ -1,1 +1,19 @@
-"""optiscope.tracking."""
+"""Sinks: where optimizer statistics and run metadata go (TensorBoard, MLflow, nowhere)."""
+
+from optiscope.tracking.base import NullSink, Sink, SinkList
+from optiscope.tracking.mlflow_sink import MlflowSink, check_tracking_uri, replay
+from optiscope.tracking.naming import flatten, mlflow_key, run_name
+from optiscope.tracking.tensorboard import TensorBoardSink
+
+__all__ = [
+    "MlflowSink",
+    "NullSink",
+    "Sink",
+    "SinkList",
+    "TensorBoardSink",
+    "check_tracking_uri",
+    "flatten",
+    "mlflow_key",
+    "replay",
+    "run_name",
+]

@@ -1,0 +1,119 @@
+"""`DivergenceGuard`: stops (or warns) when training diverges, and says where it began."""
+
+import math
+import warnings
+
+import keras
+
+from optiscope.callbacks.logger import check_positive_int
+from optiscope.optimizers import unwrap
+from optiscope.tracking import NullSink, Sink, SinkList
+
+ACTIONS = ("stop", "warn")
+TRIGGERS = ("nonfinite", "nan")
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Watches the loss and, with an instrumented optimizer, every measured gradient.
+
+    When the monitored loss or a gradient norm becomes non-finite (`trigger="nonfinite"`) or
+    NaN (`trigger="nan"`, the definition of "exploded" used by the convergence experiments), it
+    stops training (or only warns), and its message, `report` and the sinks name the step, the
+    statistic and variable that showed it, and where the first non-finite value appeared.
+
+    It checks after every `check_every` steps; each check reads the statistics (one transfer,
+    without starting a new window), so Keras dispatches these batches synchronously.
+
+    Args:
+        action: "stop" or "warn". Defaults to "stop".
+        trigger: "nonfinite" (NaN or Inf) or "nan". Defaults to "nonfinite".
+        monitor: the `logs` key of the loss. Defaults to "loss".
+        sinks: a `Sink` or list of sinks that also get the report. Defaults to None.
+        check_every: check after every this many steps. Defaults to 1.
+    """
+
+    def __init__(
+        self, action="stop", trigger="nonfinite", monitor="loss", sinks=None, check_every=1
+    ):
+        super().__init__()
+        if action not in ACTIONS:
+            raise ValueError(
+                f"Argument `action` must be one of {ACTIONS}. Received: action={action!r}"
+            )
+        if trigger not in TRIGGERS:
+            raise ValueError(
+                f"Argument `trigger` must be one of {TRIGGERS}. Received: trigger={trigger!r}"
+            )
+        self.action = action
+        self.trigger = trigger
+        self.monitor = monitor
+        self.check_every = check_positive_int("check_every", check_every)
+        sinks = [] if sinks is None else [sinks] if isinstance(sinks, Sink) else list(sinks)
+        self.sinks = SinkList(sinks) if sinks else NullSink()
+        self.report = None
+
+    def on_train_begin(self, logs=None):
+        self.optimizer = unwrap(self.model.optimizer)
+        self.report = None
+        self._steps = 0
+        self._epoch_start = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_start = self._steps
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = self._epoch_start + batch + 1
+        if self.report is not None or self._steps % self.check_every:
+            return
+        loss = (logs or {}).get(self.monitor)
+        bad_loss = loss is not None and self._bad(float(loss))
+        stats = self._statistics()
+        bad_gradient = None
+        if stats is not None:
+            for (name, group), summary in stats.items():
+                if name in ("grad_norm", "global_grad_norm") and self._bad(summary.last):
+                    bad_gradient = (name, group, summary.last)
+                    break
+        if bad_loss or bad_gradient:
+            self._diverged(loss if bad_loss else None, bad_gradient, stats)
+
+    def _statistics(self):
+        if self.optimizer is None or not self.optimizer.built:
+            return None
+        return self.optimizer.statistics(reset=False)
+
+    def _bad(self, value):
+        return math.isnan(value) if self.trigger == "nan" else not math.isfinite(value)
+
+    def _diverged(self, loss, gradient, stats):
+        step = stats.step if stats is not None else self._steps
+        kind = "NaN" if self.trigger == "nan" else "non-finite"
+        if gradient is not None:
+            name, group, value = gradient
+            what = f"{name} of {group!r} became {value}" if group else f"{name} became {value}"
+        else:
+            what = f"the {self.monitor} became {loss}"
+        report = {"step": step, "statistic": None, "variable": None, "value": None}
+        if gradient is not None:
+            report.update(statistic=gradient[0], variable=gradient[1], value=gradient[2])
+        message = f"Training diverged at step {step}: {what} ({kind} trigger)."
+        first = stats.first_nonfinite() if stats is not None else None
+        if first is not None:
+            began, name, group = first
+            report.update(began_at=began, first_statistic=name, first_variable=group)
+            message += (
+                f" It began at step {began}, when {name}"
+                f"{f' of {group!r}' if group else ''} first became non-finite."
+            )
+            if report["variable"] is None:
+                report.update(statistic=name, variable=group)
+        report["message"] = message
+        self.report = report
+        self.sinks.log_event(message, step)
+        self.sinks.log_metrics({"diverged_at_step": step}, step)
+        self.sinks.flush()
+        if self.action == "stop":
+            self.model.stop_training = True
+            print(message)
+        else:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)

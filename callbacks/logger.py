@@ -1,0 +1,289 @@
+"""`OptimizerStatsLogger`: reads an instrumented optimizer's statistics and hands them to sinks."""
+
+import math
+import numbers
+import threading
+
+import keras
+import numpy as np
+
+from optiscope.callbacks import _runs
+from optiscope.optimizers import unwrap
+from optiscope.optimizers.measures import STATISTICS
+from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, TensorBoardSink, naming
+from optiscope.tracking.mlflow_sink import check_tracking_uri
+from optiscope.tracking.tensorboard import DEFAULT_LOGDIR, writable_directory
+
+FIELDS = ("last", "mean", "max")
+DEFAULT_INTERVAL = 100
+PREFIX = "optimizer"
+# Aggregates put into Keras' `logs` every epoch (so History, CSVLogger, the progress bar and
+# Keras' TensorBoard callback record them): log key -> (statistic, how to combine groups).
+LOG_KEYS = {
+    "opt_learning_rate": ("learning_rate", "last"),
+    "opt_global_grad_norm": ("global_grad_norm", "mean"),
+    "opt_global_update_norm": ("global_update_norm", "mean"),
+    "opt_effective_lr": ("effective_lr", "mean"),
+    "opt_sign_flip_fraction": ("sign_flip_fraction", "mean"),
+    "opt_sign_agreement": ("sign_agreement", "mean"),
+}
+
+
+def check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def default_sinks(logdir, run_name, tracking_uri, experiment_name):
+    return [
+        TensorBoardSink(logdir=logdir, run_name=run_name),
+        MlflowSink(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name),
+    ]
+
+
+def is_chief(model):
+    """False on workers other than the chief of a multi-worker strategy."""
+    strategy = getattr(model, "distribute_strategy", None)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None:
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    if not cluster:
+        return True
+    task_type, task_id = resolver.task_type, resolver.task_id
+    if "chief" in cluster:
+        return task_type == "chief"
+    return task_type in (None, "worker") and (task_id or 0) == 0
+
+
+class OptimizerStatsLogger(keras.callbacks.Callback):
+    """Streams an instrumented optimizer's statistics to TensorBoard and MLflow.
+
+    Every `interval` steps and at each epoch's end it reads all statistics in one transfer and
+    sends them to the sinks as `optimizer/<statistic>/<variable>` (the window's mean; other
+    fields as `optimizer/<statistic>_<field>/<variable>`; running totals of counts as
+    `..._total`), at the optimizer's update count as step. Each epoch it also puts a few
+    aggregates into `logs` (`opt_learning_rate`, `opt_global_grad_norm`,
+    `opt_global_update_norm`, `opt_effective_lr`, `opt_sign_flip_fraction`,
+    `opt_sign_agreement`; NaN where the optimizer has no such statistic), so Keras' History,
+    CSVLogger, progress bar and TensorBoard callback record them too: put this callback before
+    those in the list. Params (optimizer class and config, model and data description) are
+    logged when training begins; HParams and final metrics when it ends.
+
+    It reads from Keras' callback thread (`async_safe`), so Keras keeps dispatching batches
+    asynchronously. A run that ends by an exception or Ctrl-C is marked FAILED/KILLED.
+
+    Args:
+        sinks: a `Sink` or a list of them. Defaults to None: a `TensorBoardSink` under `logdir`
+            and an `MlflowSink` to `tracking_uri`, both named `run_name`.
+        interval: read every this many steps. Defaults to 100.
+        fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
+        histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
+        logdir, run_name, tracking_uri, experiment_name: for the default sinks.
+        params: extra parameters to log (e.g. a description of the data).
+    """
+
+    async_safe = True
+
+    def __init__(
+        self,
+        sinks=None,
+        interval=DEFAULT_INTERVAL,
+        fields=("mean",),
+        histograms=False,
+        logdir=DEFAULT_LOGDIR,
+        run_name=None,
+        tracking_uri=None,
+        experiment_name=None,
+        params=None,
+    ):
+        super().__init__()
+        self.interval = check_positive_int("interval", interval)
+        fields = (fields,) if isinstance(fields, str) else tuple(fields)
+        if not fields or any(f not in FIELDS for f in fields):
+            raise ValueError(
+                f"Argument `fields` must be a non-empty list of {FIELDS}. "
+                f"Received: fields={fields!r}"
+            )
+        self.fields = fields
+        if sinks is not None:
+            sinks = [sinks] if isinstance(sinks, Sink) else list(sinks)
+            bad = [s for s in sinks if not isinstance(s, Sink)]
+            if bad:
+                raise TypeError(
+                    f"Argument `sinks` must be a Sink or a list of Sinks. Received: {bad[0]!r}"
+                )
+        else:
+            writable_directory("logdir", logdir)
+            check_tracking_uri(tracking_uri)
+        self._given_sinks = sinks
+        self.histograms = bool(histograms)
+        self.logdir = logdir
+        self.run_name = run_name
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.params = dict(params or {})
+        self.sinks = NullSink()
+        self._open = False
+        self._lock = threading.Lock()  # batch-end hooks may run on several Keras threads
+
+    # ------------------------------------------------------------------ run lifecycle
+    def on_train_begin(self, logs=None):
+        self.optimizer = unwrap(self.model.optimizer)
+        if self.optimizer is None:
+            name = type(self.model.optimizer).__name__
+            raise ValueError(
+                f"OptimizerStatsLogger needs an instrumented optimizer, but the model is compiled "
+                f"with {name}, which has no statistics. Use optiscope.optimizers.Instrumented"
+                f"{name} (or instrument(keras.optimizers.{name})), or one of optiscope's "
+                "optimizers."
+            )
+        if is_chief(self.model):
+            run_name = self.run_name or naming.run_name(type(self.optimizer).__name__)
+            sinks = self._given_sinks or default_sinks(
+                self.logdir, run_name, self.tracking_uri, self.experiment_name
+            )
+            self.sinks = SinkList(sinks)
+        else:
+            self.sinks = NullSink()
+        self._open = True
+        _runs.register(self)
+        self._batches = 0
+        self._epoch_start = 0
+        self._last_read = 0
+        self._layout_written = False
+        self._epoch_window = {}
+        self.sinks.log_params(self._describe())
+
+    def on_train_end(self, logs=None):
+        self._read_and_log()
+        numbers_only = {
+            k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float, np.number))
+        }
+        self.sinks.log_hparams(self._hparams(), numbers_only)
+        self.close_run("FINISHED")
+
+    def close_run(self, status):
+        """Ends the run (FINISHED, FAILED or KILLED) and closes the sinks; idempotent."""
+        if self._open:
+            self._open = False
+            _runs.unregister(self)
+            self.sinks.close(status)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.close_run("FINISHED" if value is None else _runs.status_of(value))
+        return False
+
+    # ------------------------------------------------------------------ reading
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_window = {}
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches = self._epoch_start + batch + 1
+        if self._batches - self._last_read >= self.interval:
+            self._read_and_log()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch_start = self._batches
+        self._read_and_log()
+        if logs is not None:
+            logs.update(self._epoch_aggregates())
+            keras_logs = {k: float(v) for k, v in logs.items() if _is_number(v)}
+            self.sinks.log_metrics(keras_logs, step=epoch + 1)
+        if self.histograms:
+            self.sinks.log_histograms(
+                {
+                    f"slots/{slot}/{key}": v
+                    for (slot, key), v in self.optimizer.slot_values().items()
+                },
+                step=self.optimizer.iterations.numpy(),
+            )
+
+    def _read_and_log(self):
+        with self._lock:
+            if not self._open or not self.optimizer.built:
+                return
+            self._last_read = self._batches
+            stats = self.optimizer.statistics()
+            self._log(stats)
+
+    def _log(self, stats):
+        if stats.steps == 0:
+            return
+        metrics = {}
+        for (name, group), summary in stats.items():
+            for field in self.fields:
+                suffix = "" if field == "mean" else f"_{field}"
+                metrics[_tag(name + suffix, group)] = getattr(summary, field)
+            if name in STATISTICS and STATISTICS[name].cumulative:
+                metrics[_tag(name + "_total", group)] = summary.total
+            window = self._epoch_window.setdefault((name, group), [0.0, 0, -math.inf, math.nan])
+            window[0] += summary.mean * stats.steps
+            window[1] += stats.steps
+            window[2] = max(window[2], summary.max)
+            window[3] = summary.last
+        if not self._layout_written:
+            self.sinks.log_layout(_charts(metrics))
+            self._layout_written = True
+        self.sinks.log_metrics(metrics, step=stats.step)
+
+    def _epoch_aggregates(self):
+        aggregates = {}
+        for key, (statistic, how) in LOG_KEYS.items():
+            values = [
+                (window[3] if how == "last" else window[0] / window[1])
+                for (name, _), window in self._epoch_window.items()
+                if name == statistic and window[1]
+            ]
+            aggregates[key] = float(np.mean(values)) if values else math.nan
+        return aggregates
+
+    # ------------------------------------------------------------------ descriptions
+    def _hparams(self):
+        config = naming.flatten(self.optimizer.get_config())
+        hparams = {"optimizer": type(self.optimizer).__name__}
+        hparams.update({k: v for k, v in config.items() if _is_scalar(v)})
+        return hparams
+
+    def _describe(self):
+        model = self.model
+        params = {
+            f"optimizer.{k}": v for k, v in naming.flatten(self.optimizer.get_config()).items()
+        }
+        params["optimizer.class"] = type(self.optimizer).__name__
+        params["model.name"] = model.name
+        params["model.class"] = type(model).__name__
+        params["model.trainable_parameters"] = int(
+            sum(np.prod(v.shape) for v in model.trainable_variables)
+        )
+        params["model.layers"] = ", ".join(layer.name for layer in model.layers)
+        params.update(self.params)
+        return params
+
+
+def _tag(name, group):
+    return f"{PREFIX}/{name}" if group is None else f"{PREFIX}/{name}/{group}"
+
+
+def _charts(metrics):
+    """One chart per statistic, drawing that statistic for every group."""
+    charts = {}
+    for tag in metrics:
+        parts = tag.split("/")
+        statistic = "/".join(parts[1:3]) if parts[1] == "slot_norm" else parts[1]
+        charts.setdefault(statistic, []).append(tag)
+    return charts
+
+
+def _is_number(value):
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+
+def _is_scalar(value):
+    return isinstance(value, (bool, int, float, str)) or value is None

@@ -1,0 +1,113 @@
+"""The sink interface, a sink that does nothing, and a list of sinks behind one interface."""
+
+import logging
+import warnings
+
+log = logging.getLogger("optiscope.tracking")
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class Sink:
+    """Where tracking records go. Every method may be called from a callback thread; a sink
+    never raises into training (`SinkList` also guards each call).
+
+    Steps are 1-based: the optimizer update count, or the epoch number for epoch records.
+    """
+
+    def log_params(self, params):
+        """`params`: flat mapping of names to values (hyperparameters, descriptions)."""
+
+    def log_metrics(self, metrics, step):
+        """`metrics`: mapping of tag to float, all at `step`."""
+
+    def log_histograms(self, histograms, step):
+        """`histograms`: mapping of tag to a NumPy array of values."""
+
+    def log_figure(self, name, figure, step):
+        """A matplotlib figure (an image in TensorBoard, a PNG artifact in MLflow)."""
+
+    def log_artifact(self, path, artifact_path=None):
+        """A local file kept with the run."""
+
+    def log_layout(self, charts):
+        """`charts`: mapping of chart title to the list of tags it draws together."""
+
+    def log_hparams(self, hparams, metrics):
+        """Hyperparameters and final metrics of the run, for side-by-side comparison."""
+
+    def log_event(self, message, step):
+        """A notable event (e.g. divergence) as text."""
+
+    def flush(self):
+        """Delivers what is buffered, as far as the back end allows."""
+
+    def close(self, status="FINISHED"):
+        """Ends the run with `status` (FINISHED, FAILED or KILLED); idempotent."""
+
+
+class NullSink(Sink):
+    """Accepts everything and keeps nothing (e.g. on non-chief workers)."""
+
+
+class SinkList(Sink):
+    """Several sinks behind one interface. A sink whose call fails is warned about once per
+    method and never stops the others."""
+
+    def __init__(self, sinks):
+        self.sinks = list(sinks)
+        self._warned = set()
+
+    def _each(self, method, *args, **kwargs):
+        for sink in self.sinks:
+            try:
+                getattr(sink, method)(*args, **kwargs)
+            except Exception as err:  # a tracking failure never stops training
+                key = (id(sink), method)
+                if key not in self._warned:
+                    self._warned.add(key)
+                    warnings.warn(
+                        f"optiscope: {type(sink).__name__}.{method} failed and was skipped: "
+                        f"{type(err).__name__}: {err}",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+                log.debug("sink call failed", exc_info=True)
+
+    def log_params(self, params):
+        self._each("log_params", params)
+
+    def log_metrics(self, metrics, step):
+        self._each("log_metrics", metrics, step)
+
+    def log_histograms(self, histograms, step):
+        self._each("log_histograms", histograms, step)
+
+    def log_figure(self, name, figure, step):
+        self._each("log_figure", name, figure, step)
+
+    def log_artifact(self, path, artifact_path=None):
+        self._each("log_artifact", path, artifact_path)
+
+    def log_layout(self, charts):
+        self._each("log_layout", charts)
+
+    def log_hparams(self, hparams, metrics):
+        self._each("log_hparams", hparams, metrics)
+
+    def log_event(self, message, step):
+        self._each("log_event", message, step)
+
+    def flush(self):
+        self._each("flush")
+
+    def close(self, status="FINISHED"):
+        self._each("close", status)
+
+
+def check_status(status):
+    if status not in STATUSES:
+        raise ValueError(
+            f"Argument `status` must be one of {STATUSES}. Received: status={status!r}"
+        )
+    return status

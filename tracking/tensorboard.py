@@ -1,0 +1,143 @@
+"""TensorBoard sink: event files in a run directory of its own.
+
+Written with TensorBoard's own event-file writer (a background thread), never through Keras'
+TensorBoard callback writer, so both can run side by side: Keras writes `<run>/train`, this sink
+`<run>/optiscope`.
+"""
+
+import io
+import os
+import re
+import struct
+import threading
+import time
+
+import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
+from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.text.summary_v2 import text_pb
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from optiscope.tracking import naming
+from optiscope.tracking.base import Sink
+
+DEFAULT_LOGDIR = "runs"
+
+
+def writable_directory(name, path):
+    """Creates `path` if needed; raises `ValueError` naming the argument if it is not writable."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"Argument `{name}` is not a writable directory: {path!r} ({err})"
+        ) from None
+    if not os.access(path, os.W_OK):
+        raise ValueError(f"Argument `{name}` is not a writable directory: {path!r}")
+    return path
+
+
+class TensorBoardSink(Sink):
+    """Scalars, histograms, images, a custom-scalar layout, HParams and text events.
+
+    Args:
+        logdir: the TensorBoard log directory. Defaults to "runs".
+        run_name: the run's directory under `logdir`. Defaults to a time-stamped name.
+        subdir: this sink's directory inside the run. Defaults to "optiscope".
+        flush_secs: how often the writer thread flushes. Defaults to 5.
+    """
+
+    def __init__(self, logdir=DEFAULT_LOGDIR, run_name=None, subdir="optiscope", flush_secs=5):
+        if not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"Argument `logdir` must be a path. Received: logdir={logdir!r}")
+        self.run_name = run_name or naming.run_name()
+        self.path = writable_directory("logdir", os.path.join(logdir, self.run_name, subdir))
+        self.flush_secs = flush_secs
+        self._writer = None
+        self._lock = threading.Lock()
+
+    def _write(self, summary, step):
+        with self._lock:
+            if self._writer is None:
+                self._writer = EventFileWriter(self.path, flush_secs=self.flush_secs)
+            if not isinstance(summary, summary_pb2.Summary):  # TensorFlow's own Summary class
+                summary = summary_pb2.Summary.FromString(summary.SerializeToString())
+            event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+            self._writer.add_event(event)
+
+    def log_metrics(self, metrics, step):
+        values = [
+            summary_pb2.Summary.Value(tag=tag, simple_value=float(value))
+            for tag, value in metrics.items()
+        ]
+        self._write(summary_pb2.Summary(value=values), step)
+
+    def log_histograms(self, histograms, step):
+        summary = summary_pb2.Summary()
+        for tag, data in histograms.items():
+            summary.value.extend(histogram_pb(tag, np.asarray(data, "float64").ravel()).value)
+        self._write(summary, step)
+
+    def log_figure(self, name, figure, step):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png")
+        png = buffer.getvalue()
+        width, height = struct.unpack(">II", png[16:24])  # from the PNG header
+        image = summary_pb2.Summary.Image(
+            height=height, width=width, colorspace=4, encoded_image_string=png
+        )
+        self._write(
+            summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=image)]), step
+        )
+
+    def log_layout(self, charts):
+        category = layout_pb2.Category(
+            title="optimizer",
+            chart=[
+                layout_pb2.Chart(
+                    title=title,
+                    multiline=layout_pb2.MultilineChartContent(
+                        tag=[f"^{re.escape(tag)}$" for tag in tags]
+                    ),
+                )
+                for title, tags in charts.items()
+            ],
+        )
+        self._write(custom_scalar_summary.pb(layout_pb2.Layout(category=[category])), 0)
+
+    def log_hparams(self, hparams, metrics):
+        values = {name: _hparam_value(value) for name, value in hparams.items()}
+        tags = {f"hparams/{name}": value for name, value in metrics.items()}
+        config = hparams_summary.hparams_config_pb(
+            hparams=[hp.HParam(name) for name in values],
+            metrics=[hp.Metric(tag) for tag in tags],
+        )
+        self._write(config, 0)
+        self._write(hparams_summary.hparams_pb(values, trial_id=self.run_name), 0)
+        self.log_metrics(tags, 0)
+
+    def log_event(self, message, step):
+        self._write(text_pb("events", message), step)
+
+    def flush(self):
+        with self._lock:
+            if self._writer is not None:
+                self._writer.flush()
+
+    def close(self, status="FINISHED"):
+        with self._lock:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+
+
+def _hparam_value(value):
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
