@@ -2,24 +2,67 @@
 
 import argparse
 import os
+import sys
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="optiscope", description="See inside Keras optimizers while model.fit runs."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
     demo = commands.add_parser(
         "demo", help="train a small model with three instrumented optimizers, print statistics"
     )
     demo.add_argument("--epochs", type=_positive_int, default=3, help="epochs (default 3)")
-    args = parser.parse_args(argv)
 
+    ui = commands.add_parser(
+        "ui", help="start TensorBoard and the MLflow UI on 127.0.0.1; Ctrl-C stops both"
+    )
+    ui.add_argument("--logdir", default="runs", help="TensorBoard log directory (default runs)")
+    ui.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow backend store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    ui.add_argument("--tensorboard-port", type=_port, default=6006, help="(default 6006)")
+    ui.add_argument("--mlflow-port", type=_port, default=5000, help="(default 5000)")
+
+    replay = commands.add_parser(
+        "replay", help="write a spool file of undelivered MLflow records into a tracking server"
+    )
+    replay.add_argument("spool", help="the .jsonl file named in the warning")
+    replay.add_argument("--tracking-uri", default=None, help="target (default: MLflow's default)")
+    replay.add_argument("--experiment", default=None, help="experiment name (default: as logged)")
+
+    args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "demo":
         from optiscope.experiments import demo as job
 
         job.main(epochs=args.epochs)
+    elif args.command == "ui":
+        from optiscope.experiments.ui import serve
+
+        return serve(args.logdir, args.tracking_uri, args.tensorboard_port, args.mlflow_port)
+    elif args.command == "replay":
+        return _replay(args)
+    return 0
+
+
+def _replay(args):
+    from optiscope.tracking import replay
+
+    if not os.path.isfile(args.spool):
+        print(f"optiscope replay: no such spool file: {args.spool}", file=sys.stderr)
+        return 2
+    try:
+        run_id = replay(args.spool, tracking_uri=args.tracking_uri, experiment_name=args.experiment)
+    except ValueError as err:
+        print(f"optiscope replay: {err}", file=sys.stderr)
+        return 2
+    print(f"replayed {args.spool} into run {run_id}")
+    return 0
 
 
 def _positive_int(text):
@@ -32,5 +75,12 @@ def _positive_int(text):
     return value
 
 
+def _port(text):
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (1-65535), got {text!r}")
+    return value
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

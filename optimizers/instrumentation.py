@@ -639,8 +639,9 @@ _INSTRUMENTED = {}
 def instrument(optimizer_class, *, sign_reference_slot=None):
     """Returns an instrumented subclass of a Keras optimizer class (cached per class).
 
-    The class is named `Instrumented<Name>` and registered for serialisation under the
-    `optiscope` package, so `.keras` files that use it load once it has been created.
+    The class is named `Instrumented<Name>` and registered for serialisation (package
+    `optiscope` for Keras' optimizers, `optiscope.<module>` for others), so `.keras` files
+    that use it load once it has been created.
 
     Args:
         optimizer_class: a subclass of `keras.optimizers.Optimizer`.
@@ -666,7 +667,11 @@ def instrument(optimizer_class, *, sign_reference_slot=None):
         if sign_reference_slot is not None:
             attributes["_sign_reference_slot"] = sign_reference_slot
         cls = type(name, (Instrumented, optimizer_class), attributes)
+        module = optimizer_class.__module__
+        # Keras' own optimizers register as "optiscope>Instrumented<Name>"; others under their
+        # module too, so that a user's `Adam` never replaces the built-in's registration.
+        package = "optiscope" if module.startswith("keras.") else f"optiscope.{module}"
         _INSTRUMENTED[optimizer_class] = keras.saving.register_keras_serializable(
-            package="optiscope"
+            package=package
         )(cls)
     return _INSTRUMENTED[optimizer_class]

@@ -1,0 +1,16 @@
+"""Shared pytest set-up: quiet TensorFlow, reproducible Keras randomness."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first imported
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def keras_seed():
+    """Resets Python's, NumPy's and the backend's random seeds; returns the seed."""
+    seed = 42
+    keras.utils.set_random_seed(seed)
+    return seed
