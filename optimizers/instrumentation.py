@@ -671,7 +671,7 @@ def instrument(optimizer_class, *, sign_reference_slot=None):
         # Keras' own optimizers register as "optiscope>Instrumented<Name>"; others under their
         # module too, so that a user's `Adam` never replaces the built-in's registration.
         package = "optiscope" if module.startswith("keras.") else f"optiscope.{module}"
-        _INSTRUMENTED[optimizer_class] = keras.saving.register_keras_serializable(
-            package=package
-        )(cls)
+        _INSTRUMENTED[optimizer_class] = keras.saving.register_keras_serializable(package=package)(
+            cls
+        )
     return _INSTRUMENTED[optimizer_class]
