@@ -17,7 +17,10 @@ from optiscope.optimizers import InstrumentedAdam
 
 
 class ReadEvery(keras.callbacks.Callback):
-    """Reads the optimizer's statistics every `interval` steps (one transfer per read)."""
+    """Reads the optimizer's statistics every `interval` steps (one transfer per read), from
+    Keras' callback thread like `OptimizerStatsLogger` (reads are consistent there)."""
+
+    async_safe = True
 
     def __init__(self, interval):
         super().__init__()

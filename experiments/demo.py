@@ -1,7 +1,10 @@
 """The quick start as a job: train a small regression model with three instrumented
-optimizers and print what happened inside each optimizer."""
+optimizers, stream their statistics to TensorBoard (./runs) and MLflow (its local default
+store), and print what happened inside each optimizer."""
 
 import numpy as np
+
+EXPERIMENT = "optiscope-demo"
 
 
 def california_shaped(rows=20640, features=8, seed=42):
@@ -13,17 +16,19 @@ def california_shaped(rows=20640, features=8, seed=42):
     return x, y
 
 
-def run(epochs=3, seed=42):
-    """Returns `{optimizer name: Statistics}` read once per epoch, the last epoch's."""
+def run(epochs=3, seed=42, logdir="runs", tracking_uri=None):
+    """Returns `{optimizer name: (final loss, Statistics of the last epoch)}`."""
     import keras
 
+    from optiscope.callbacks import OptimizerStatsLogger
     from optiscope.optimizers import InstrumentedAdam, InstrumentedSGD, SignAveraging
+    from optiscope.tracking import naming
 
     x, y = california_shaped(seed=seed)
     optimizers = {
-        "SignAveraging": lambda: SignAveraging(learning_rate=0.001, aggregation="layer"),
-        "SGD(momentum=0.9)": lambda: InstrumentedSGD(0.01, momentum=0.9, aggregation="layer"),
-        "Adam": lambda: InstrumentedAdam(0.001, aggregation="layer"),
+        "SignAveraging": lambda: SignAveraging(learning_rate=0.001, statistics="all"),
+        "SGD-momentum": lambda: InstrumentedSGD(0.01, momentum=0.9, statistics="all"),
+        "Adam": lambda: InstrumentedAdam(0.001, statistics="all"),
     }
     results = {}
     for name, make in optimizers.items():
@@ -36,17 +41,27 @@ def run(epochs=3, seed=42):
             ]
         )
         optimizer = make()
-        model.compile(optimizer=optimizer, loss="mse", steps_per_execution=32)
-        history = model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
-        results[name] = (history.history["loss"][-1], optimizer.statistics())
+        model.compile(optimizer=optimizer, loss="mse", steps_per_execution=8)
+        logger = OptimizerStatsLogger(
+            logdir=logdir,
+            run_name=naming.run_name(name),
+            tracking_uri=tracking_uri,
+            experiment_name=EXPERIMENT,
+            params={"data": f"synthetic California-shaped regression, {len(x)} x {x.shape[1]}"},
+        )
+        history = model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[logger])
+        results[name] = (history.history["loss"][-1], optimizer.statistics(reset=False))
     return results
 
 
-def main(epochs=3):
-    for name, (loss, stats) in run(epochs).items():
-        print(f"\n{name}: final loss {loss:.4f}, {stats.steps} steps measured")
-        print(f"  {'statistic':<22}{'group':<22}{'last':>12}{'mean':>12}{'max':>12}")
+def main(epochs=3, logdir="runs"):
+    for name, (loss, stats) in run(epochs, logdir=logdir).items():
+        print(f"\n{name}: final loss {loss:.4f} after {stats.step} steps")
+        print(f"  {'statistic':<24}{'variable':<20}{'last':>12}{'mean':>12}")
         for (statistic, group), s in stats.items():
-            print(
-                f"  {statistic:<22}{group or '-':<22}{s.last:>12.4g}{s.mean:>12.4g}{s.max:>12.4g}"
-            )
+            values = f"{s.last:>12.4g}{s.total / stats.step:>12.4g}"  # mean over all steps
+            print(f"  {statistic:<24}{group or '-':<20}{values}")
+    print(
+        f"\nTensorBoard logs are in ./{logdir}, MLflow runs in experiment {EXPERIMENT!r} of the "
+        "local store.\nOpen both with:  optiscope ui   (or .venv/bin/optiscope ui)"
+    )

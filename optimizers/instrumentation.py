@@ -420,19 +420,31 @@ class Instrumented:
             for g, v in zip(grads, trainable_variables, strict=True)
             if g is not None
         }
-        rows = []
+        inputs = []
         for variable in plan.selected_variables:
             index = self._get_variable_index(variable)
-            if index not in gradients:  # no gradient this step: measured as a zero gradient
-                value = _read(variable)
-                zero = ops.zeros_like(value)
-                rows.append(self._quantities(index, zero, value, value, zero))
+            if index not in gradients:
+                inputs.append((None, None, None))
                 continue
             gradient = dense_gradient(
                 reduced.get(index, gradients[index]), _compute_dtype(variable.dtype)
             )
             old = old_values[index] if plan.needs_old else None
-            rows.append(self._quantities(index, gradient, old, variable, previous.get(index)))
+            inputs.append((gradient, old, previous.get(index)))
+        self._measure(inputs, learning_rate)
+
+    def _measure(self, inputs, learning_rate):
+        """Quantities of every measured variable, then the fold into the state."""
+        plan = self._optiscope
+        rows = []
+        for variable, (gradient, old, previous) in zip(plan.selected_variables, inputs, strict=True):
+            index = self._get_variable_index(variable)
+            if gradient is None:  # no gradient this step: measured as a zero gradient
+                value = _read(variable)
+                zero = ops.zeros_like(value)
+                rows.append(self._quantities(index, zero, value, value, zero))
+                continue
+            rows.append(self._quantities(index, gradient, old, variable, previous))
             if index in plan.own_previous:
                 self.assign(plan.own_previous[index], gradient)
         self._record(ops.stack(rows), learning_rate)
@@ -590,7 +602,7 @@ def _initial_state(n):
 
 
 def _compiled(fn):
-    """`fn` as one graph call where the backend can (TensorFlow), else as it is."""
+    """`fn` as one graph call on TensorFlow, else as it is."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

@@ -77,6 +77,8 @@ class MlflowSink(Sink):
         spool_dir: where undelivered journals are kept. Defaults to "optiscope-spool".
         retry_interval: seconds between delivery attempts after a failure. Defaults to 1.
         close_timeout: seconds `close` keeps trying before spooling. Defaults to 10.
+        flush_interval: the background thread delivers every this many seconds, or as soon
+            as 1000 metrics wait, so that many small reads cost few calls. Defaults to 5.
     """
 
     def __init__(
@@ -91,11 +93,17 @@ class MlflowSink(Sink):
         spool_dir=DEFAULT_SPOOL_DIR,
         retry_interval=1.0,
         close_timeout=10.0,
+        flush_interval=5.0,
     ):
         import mlflow
 
         self.tracking_uri = check_tracking_uri(tracking_uri)
-        for name, value in (("retry_interval", retry_interval), ("close_timeout", close_timeout)):
+        timings = {
+            "retry_interval": retry_interval,
+            "close_timeout": close_timeout,
+            "flush_interval": flush_interval,
+        }
+        for name, value in timings.items():
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"Argument `{name}` must be >= 0. Received: {name}={value!r}")
         _quiet_mlflow_retries()
@@ -107,6 +115,7 @@ class MlflowSink(Sink):
         self.spool_dir = spool_dir
         self.retry_interval = retry_interval
         self.close_timeout = close_timeout
+        self.flush_interval = flush_interval
         self.spool_path = None
         self.last_error = None
 
@@ -125,6 +134,7 @@ class MlflowSink(Sink):
             self.run_id, self._owns_run = active.info.run_id, False
         self._client = None
         self._pending = collections.deque()
+        self._waiting_metrics = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
@@ -182,6 +192,7 @@ class MlflowSink(Sink):
             spool_dir=self.spool_dir,
             retry_interval=self.retry_interval,
             close_timeout=self.close_timeout,
+            flush_interval=self.flush_interval,
         )
         options.update(kwargs)
         return MlflowSink(run_name=run_name, parent=self, **options)
@@ -215,6 +226,7 @@ class MlflowSink(Sink):
             self._journal.close()
             undelivered = len(self._pending)
             self._pending.clear()
+            self._waiting_metrics = 0
         if delivered:
             os.remove(self._journal_path)
             return
@@ -247,22 +259,25 @@ class MlflowSink(Sink):
         with self._lock:
             self._journal_line(record)
             self._pending.append(record)
+            self._waiting_metrics += len(record.get("metrics", ()))
+            urgent = self._waiting_metrics >= MAX_METRICS
         if self.asynchronous:
             if self._worker is None:
                 self._worker = threading.Thread(
                     target=self._work, name="optiscope-mlflow", daemon=True
                 )
                 self._worker.start()
-            self._wake.set()
+            if urgent:
+                self._wake.set()
         else:
             self._deliver_pending()
 
     def _work(self):
         while not self._closed:
-            self._wake.wait(timeout=self.retry_interval)
+            self._wake.wait(timeout=self.flush_interval)
             self._wake.clear()
             if not self._deliver_pending() and not self._closed:
-                self._wake.wait(timeout=self.retry_interval)
+                time.sleep(self.retry_interval)
 
     def _deliver_pending(self):
         """Delivers queued records in order until done or a failure; True if all went."""
@@ -277,9 +292,10 @@ class MlflowSink(Sink):
                 self.last_error = f"{type(err).__name__}: {err}"
                 return False
             with self._lock:
-                for _ in batch:
+                for record in batch:
                     if self._pending:
                         self._pending.popleft()
+                        self._waiting_metrics -= len(record.get("metrics", ()))
 
     def _ensure_run(self):
         from mlflow.tracking import MlflowClient
