@@ -23,7 +23,6 @@ from optiscope.callbacks import OptimizerStatsLogger
 from optiscope.optimizers import InstrumentedAdam
 from optiscope.tracking import MlflowSink, TensorBoardSink
 
-
 EPOCHS = 3
 
 

@@ -437,7 +437,8 @@ class Instrumented:
         """Quantities of every measured variable, then the fold into the state."""
         plan = self._optiscope
         rows = []
-        for variable, (gradient, old, previous) in zip(plan.selected_variables, inputs, strict=True):
+        selected = plan.selected_variables
+        for variable, (gradient, old, previous) in zip(selected, inputs, strict=True):
             index = self._get_variable_index(variable)
             if gradient is None:  # no gradient this step: measured as a zero gradient
                 value = _read(variable)
