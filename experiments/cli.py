@@ -1,6 +1,7 @@
 """The `optiscope` command."""
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -15,6 +16,29 @@ def main(argv=None):
         "demo", help="train a small model with three instrumented optimizers, print statistics"
     )
     demo.add_argument("--epochs", type=_positive_int, default=3, help="epochs (default 3)")
+
+    commands.add_parser("list", help="list the experiments")
+    run = commands.add_parser(
+        "run",
+        help="run an experiment: results (JSON, CSV, Markdown, PNG), TensorBoard and MLflow runs",
+    )
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS), help="which experiment")
+    run.add_argument("--out", default="results", help="results directory (default results)")
+    run.add_argument("--logdir", default="runs", help="TensorBoard log directory (default runs)")
+    run.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local store)",
+    )
+    run.add_argument("--seed", type=int, default=42, help="random seed (default 42)")
+    run.add_argument("--quick", action="store_true", help="a reduced run, for smoke tests")
+    run.add_argument(
+        "--data",
+        default=None,
+        help="a local copy of the data set (housing: california_housing.csv[.gz]; "
+        "boston: boston_housing.csv[.gz] or .npz)",
+    )
+    run.add_argument("--no-track", action="store_true", help="write result files only")
 
     ui = commands.add_parser(
         "ui", help="start TensorBoard and the MLflow UI on 127.0.0.1; Ctrl-C stops both"
@@ -37,6 +61,12 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if args.command == "list":
+        for name, module in EXPERIMENTS.items():
+            print(f"{name:<12} {_module(module).DESCRIPTION}")
+        return 0
+    if args.command == "run":
+        return _run(args)
     if args.command == "demo":
         from optiscope.experiments import demo as job
 
@@ -47,6 +77,52 @@ def main(argv=None):
         return serve(args.logdir, args.tracking_uri, args.tensorboard_port, args.mlflow_port)
     elif args.command == "replay":
         return _replay(args)
+    return 0
+
+
+EXPERIMENTS = {
+    name: f"optiscope.experiments.{name}"
+    for name in ("convergence", "rosenbrock", "housing", "momentum", "boston")
+}
+
+
+def _module(path):
+    import importlib
+
+    return importlib.import_module(path)
+
+
+def _run(args):
+    from optiscope.experiments import harness
+    from optiscope.experiments.data import DataUnavailable
+
+    module = _module(EXPERIMENTS[args.experiment])
+    config = module.Config.quick(seed=args.seed) if args.quick else module.Config(seed=args.seed)
+    if args.data is not None:
+        if not hasattr(config, "data"):
+            print(f"optiscope run: {args.experiment} takes no --data", file=sys.stderr)
+            return 2
+        config = dataclasses.replace(config, data=args.data)
+    options = harness.Options(
+        out=args.out,
+        logdir=args.logdir,
+        tracking_uri=args.tracking_uri,
+        track=not args.no_track,
+        progress=sys.stderr.isatty(),
+    )
+    try:
+        result = harness.run_tracked(module, config, options)
+    except DataUnavailable as err:
+        print(f"optiscope run {args.experiment}: {err}", file=sys.stderr)
+        return 2
+    print(f"\n{args.experiment}\n\n{result.table()}\n")
+    for note in result.notes:
+        print(f"- {note}")
+    print(f"\nResults in {os.path.dirname(result.files['json'])}/")
+    if options.track:
+        print(
+            f"TensorBoard: {options.logdir}/  MLflow: experiment 'optiscope'.  Open: optiscope ui"
+        )
     return 0
 
 

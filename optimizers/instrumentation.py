@@ -620,10 +620,15 @@ def variable_keys(variables):
     """The keys statistics use for variables: their paths, made unique, without a first
     component that all of them share when every path has at least three components (the
     scope of a Sequential model, which Keras drops when the model is reloaded)."""
-    parts = [v.path.split("/") for v in variables]
+    parts = [_path(v).split("/") for v in variables]
     if parts and all(len(p) >= 3 and p[0] == parts[0][0] for p in parts):
         parts = [p[1:] for p in parts]
     return _unique(["/".join(p) for p in parts])
+
+
+def _path(variable):
+    path = getattr(variable, "path", None)  # Keras variables; plain tf.Variables have names
+    return path if path is not None else variable.name.split(":")[0]
 
 
 def _unique(paths):
