@@ -201,10 +201,11 @@ def _notes(records):
     if guide and keras_adam:
         notes.append(
             f"At lr 0.1 the guide's Adam {describe(guide)} iterations and Keras' Adam "
-            f"{describe(keras_adam)} iterations: Keras folds the bias correction into the learning rate "
-            "(lr * sqrt(1 - b2^t) / (1 - b1^t)), adds epsilon to the uncorrected sqrt(v) and "
-            "updates the moments as m += (g - m)(1 - b1); convergence is float32 equality, so "
-            "the different rounding order changes the iteration at which x stops moving."
+            f"{describe(keras_adam)} iterations: Keras folds the bias correction into the "
+            "learning rate (lr * sqrt(1 - b2^t) / (1 - b1^t)), adds epsilon to the "
+            "uncorrected sqrt(v) and updates the moments as m += (g - m)(1 - b1); "
+            "convergence is float32 equality, so the different rounding order changes "
+            "the iteration at which x stops moving."
         )
     return notes
 

@@ -95,9 +95,8 @@ def write(result, out):
     with open(paths["md"], "w") as file:
         file.write(f"# {result.experiment}\n\n{result.table()}\n")
         if result.reference:
-            file.write(
-                f"\nSource's numbers:\n\n{markdown_table(result.reference, result.reference_columns)}\n"
-            )
+            source = markdown_table(result.reference, result.reference_columns)
+            file.write(f"\nSource's numbers:\n\n{source}\n")
         if result.notes:
             file.write("\n" + "\n".join(f"- {note}" for note in result.notes) + "\n")
     for name, figure in result.figures.items():
