@@ -62,7 +62,7 @@ def is_chief(model):
 class OptimizerStatsLogger(keras.callbacks.Callback):
     """Streams an instrumented optimizer's statistics to TensorBoard and MLflow.
 
-    Every `interval` steps and at each epoch's end it reads all statistics in one transfer and
+    Every `interval` steps (at multiples of it) and at each epoch's end it reads all statistics in one transfer and
     sends them to the sinks as `optimizer/<statistic>/<variable>` (the window's mean; other
     fields as `optimizer/<statistic>_<field>/<variable>`; running totals of counts as
     `..._total`), at the optimizer's update count as step. Each epoch it also puts a few
@@ -125,7 +125,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self.run_name = run_name
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
-        self.params = dict(params or {})
+        self.extra_params = dict(params or {})  # Keras' set_params owns `self.params`
         self.sinks = NullSink()
         self._open = False
         self._lock = threading.Lock()  # batch-end hooks may run on several Keras threads
@@ -186,7 +186,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches = self._epoch_start + batch + 1
-        if self._batches - self._last_read >= self.interval:
+        if self._batches // self.interval > self._last_read // self.interval:
             self._read_and_log()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -263,7 +263,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             sum(np.prod(v.shape) for v in model.trainable_variables)
         )
         params["model.layers"] = ", ".join(layer.name for layer in model.layers)
-        params.update(self.params)
+        params.update(self.extra_params)
         return params
 
 

@@ -36,9 +36,10 @@ def run(epochs=3, seed=42, logdir="runs", tracking_uri=None):
         model = keras.Sequential(
             [
                 keras.Input((x.shape[1],)),
-                keras.layers.Dense(32, activation="relu"),
-                keras.layers.Dense(1),
-            ]
+                keras.layers.Dense(32, activation="relu", name="hidden"),
+                keras.layers.Dense(1, name="output"),
+            ],
+            name="regression",
         )
         optimizer = make()
         model.compile(optimizer=optimizer, loss="mse", steps_per_execution=8)

@@ -21,6 +21,7 @@ def commands(logdir, tracking_uri, tensorboard_port, mlflow_port):
     tensorboard = [
         _executable("tensorboard"),
         "--logdir", logdir, "--host", HOST, "--port", str(tensorboard_port),
+        "--load_fast=false",  # the fast loader serves no custom-scalar layout
     ]  # fmt: skip
     mlflow = [
         _executable("mlflow"), "server",

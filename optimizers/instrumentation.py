@@ -322,7 +322,7 @@ class Instrumented:
                 else ["global"] * len(paths)
             )
             groups = list(dict.fromkeys(keys))
-            membership = np.zeros((len(groups), len(paths)), "float32")
+            membership = np.zeros((len(groups), len(paths)), "float64")
             for column, key in enumerate(keys):
                 membership[groups.index(key), column] = 1.0
 
@@ -451,7 +451,7 @@ class Instrumented:
         self._record(ops.stack(rows), learning_rate)
 
     def _quantities(self, index, gradient, old_value, new_value, previous_gradient):
-        """The quantities of one variable's step, as a float32 vector."""
+        """The quantities of one variable's step, as a float64 vector."""
         plan = self._optiscope
         dtype = _compute_dtype(new_value.dtype)
         slots = plan.selected_slots[plan.rows[index]]
@@ -468,7 +468,7 @@ class Instrumented:
             sign_reference=(cast(slots[self._sign_reference_slot]) if plan.needs_sign else None),
         )
         return ops.stack(
-            [ops.cast(measures.QUANTITIES[q](step), "float32") for q in plan.quantities]
+            [ops.cast(measures.QUANTITIES[q](step), "float64") for q in plan.quantities]
         )
 
     def _record(self, per_variable, learning_rate):
@@ -483,7 +483,7 @@ class Instrumented:
         parts = [s.finalize(*(columns[q] for q in s.quantities)) for s in plan.statistic_list]
         totals = ops.sum(per_variable, axis=0)
         global_values = {
-            "learning_rate": ops.cast(learning_rate, "float32"),
+            "learning_rate": ops.cast(learning_rate, "float64"),
             "global_grad_norm": ops.sqrt(totals[plan.quantities.index("grad_sq")]),
         }
         if "global_update_norm" in plan.global_names:
@@ -491,9 +491,7 @@ class Instrumented:
                 totals[plan.quantities.index("update_sq")]
             )
         parts.append(ops.stack([global_values[n] for n in plan.global_names]))
-        values = ops.cast(ops.concatenate(parts), "float32")
-
-        self._fold(ops.cast(values, "float64"))
+        self._fold(ops.cast(ops.concatenate(parts), "float64"))
 
     def _fold(self, values):
         """One step's values into the state, in a single assignment (see `_initial_state`)."""

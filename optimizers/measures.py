@@ -25,8 +25,8 @@ EPSILON = 1e-12
 class VariableStep:
     """One model variable's step, as seen by a quantity function.
 
-    `gradient` is the dense gradient the update rule used (after clipping), cast to float32 or
-    float64; `old_value`/`new_value` the variable before and after the step (`old_value` is None
+    `gradient` is the dense gradient the update rule used (after clipping), in float32 or
+    float64 (quantities reduce in float64); `old_value`/`new_value` the variable before and after the step (`old_value` is None
     unless a selected statistic needs it); `slots` the optimizer's slot values after the step;
     `previous_gradient` the gradient of the previous step (None unless needed);
     `sign_reference` the first-moment slot whose sign `sign_agreement` compares with.
@@ -41,11 +41,12 @@ class VariableStep:
 
 
 def _count(mask):
-    return ops.sum(ops.cast(mask, "float32"))
+    return ops.sum(ops.cast(mask, "float64"))
 
 
 def _sum_sq(x):
-    return ops.sum(ops.square(x))
+    # float64: a finite float32 element above ~1.8e19 would overflow when squared
+    return ops.sum(ops.square(ops.cast(x, "float64")))
 
 
 QUANTITIES: dict[str, Callable[[VariableStep], object]] = {

@@ -136,6 +136,7 @@ class MlflowSink(Sink):
         self._pending = collections.deque()
         self._waiting_metrics = 0
         self._lock = threading.Lock()
+        self._run_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._worker = None
@@ -298,22 +299,23 @@ class MlflowSink(Sink):
                         self._waiting_metrics -= len(record.get("metrics", ()))
 
     def _ensure_run(self):
+        """The run's id, creating the run (and a parent sink's run) on first use."""
         from mlflow.tracking import MlflowClient
 
-        if self._client is None:
-            self._client = MlflowClient(self.tracking_uri)
-        if self.run_id is not None:
+        with self._run_lock:
+            if self._client is None:
+                self._client = MlflowClient(self.tracking_uri)
+            if self.run_id is not None:
+                return self.run_id
+            tags = dict(self.tags)
+            if isinstance(self.parent, MlflowSink):
+                tags["mlflow.parentRunId"] = self.parent._ensure_run()
+            elif self.parent is not None:
+                tags["mlflow.parentRunId"] = self.parent
+            experiment_id = _experiment_id(self._client, self.experiment_name)
+            run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
             return self.run_id
-        tags = dict(self.tags)
-        parent_id = getattr(self.parent, "run_id", self.parent)
-        if self.parent is not None:
-            if parent_id is None:
-                raise RuntimeError("the parent run does not exist yet")
-            tags["mlflow.parentRunId"] = parent_id
-        experiment_id = _experiment_id(self._client, self.experiment_name)
-        run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        return self.run_id
 
     def _deliver(self, batch):
         run_id = self._ensure_run()
