@@ -62,11 +62,11 @@ def is_chief(model):
 class OptimizerStatsLogger(keras.callbacks.Callback):
     """Streams an instrumented optimizer's statistics to TensorBoard and MLflow.
 
-    Every `interval` steps (at multiples of it) and at each epoch's end it reads all statistics in one transfer and
-    sends them to the sinks as `optimizer/<statistic>/<variable>` (the window's mean; other
-    fields as `optimizer/<statistic>_<field>/<variable>`; running totals of counts as
-    `..._total`), at the optimizer's update count as step. Each epoch it also puts a few
-    aggregates into `logs` (`opt_learning_rate`, `opt_global_grad_norm`,
+    At every multiple of `interval` steps and at each epoch's end it reads all statistics in
+    one transfer and sends them to the sinks as `optimizer/<statistic>/<variable>` (the
+    window's mean; other fields as `optimizer/<statistic>_<field>/<variable>`; running totals
+    of counts as `..._total`), at the optimizer's update count as step. Each epoch it also
+    puts a few aggregates into `logs` (`opt_learning_rate`, `opt_global_grad_norm`,
     `opt_global_update_norm`, `opt_effective_lr`, `opt_sign_flip_fraction`,
     `opt_sign_agreement`; NaN where the optimizer has no such statistic), so Keras' History,
     CSVLogger, progress bar and TensorBoard callback record them too: put this callback before

@@ -25,11 +25,12 @@ EPSILON = 1e-12
 class VariableStep:
     """One model variable's step, as seen by a quantity function.
 
-    `gradient` is the dense gradient the update rule used (after clipping), in float32 or
-    float64 (quantities reduce in float64); `old_value`/`new_value` the variable before and after the step (`old_value` is None
-    unless a selected statistic needs it); `slots` the optimizer's slot values after the step;
-    `previous_gradient` the gradient of the previous step (None unless needed);
-    `sign_reference` the first-moment slot whose sign `sign_agreement` compares with.
+    `gradient`: the dense gradient the rule used (after clipping), float32 or float64;
+    `old_value`, `new_value`: the variable before and after the step (`old_value` is None
+    unless a selected statistic needs it); `slots`: the optimizer's slots after the step;
+    `previous_gradient`: the previous step's gradient (None unless needed);
+    `sign_reference`: the first-moment slot that `sign_agreement` compares signs with.
+    Quantities reduce in float64.
     """
 
     gradient: object
