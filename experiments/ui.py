@@ -30,6 +30,10 @@ def commands(logdir, tracking_uri, tensorboard_port, mlflow_port):
     return {"TensorBoard": tensorboard, "MLflow UI": mlflow}
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(logdir, tracking_uri, tensorboard_port, mlflow_port):
     """Starts both, prints their URLs, waits; Ctrl-C (or either one exiting) stops both."""
     if not os.path.isdir(logdir):
@@ -37,6 +41,7 @@ def serve(logdir, tracking_uri, tensorboard_port, mlflow_port):
               "show it once a run writes there.")  # fmt: skip
     processes = {}
     ports = {"TensorBoard": tensorboard_port, "MLflow UI": mlflow_port}
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both servers too
     try:
         for name, command in commands(logdir, tracking_uri, tensorboard_port, mlflow_port).items():
             processes[name] = subprocess.Popen(command, start_new_session=True)
