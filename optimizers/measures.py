@@ -159,15 +159,10 @@ for _statistic in (
 SLOT_NORM = "slot_norm"
 """`slot_norm` selects `slot_norm/<slot>` (= ||slot||_2) for every slot the optimizer keeps."""
 
-DEFAULT_STATISTICS = (
-    "grad_norm",
-    "update_norm",
-    "weight_norm",
-    "effective_lr",
-    "update_ratio",
-    "nonfinite_grad_count",
-)
-"""Cheap statistics computed unless asked otherwise (plus the optimizer's natural ones)."""
+DEFAULT_STATISTICS = ("grad_norm", "update_norm", "weight_norm", "effective_lr", "update_ratio")
+"""Cheap statistics computed unless asked otherwise (plus the optimizer's natural ones). A
+non-finite gradient already shows as a non-finite `grad_norm` (and its first step is kept);
+`nonfinite_grad_count` counts the elements, at the cost of one more pass over each gradient."""
 
 GLOBAL_STATISTICS = ("learning_rate", "global_grad_norm", "global_update_norm")
 

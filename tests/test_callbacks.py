@@ -212,7 +212,6 @@ def simulate_sgd(steps=STEPS, lr=LR):
             record[f"weight_norm/{key}"] = w_norm
             record[f"effective_lr/{key}"] = u_norm / (g_norm + EPS)
             record[f"update_ratio/{key}"] = u_norm / (w_norm + EPS)
-            record[f"nonfinite_grad_count/{key}"] = 0.0
             grad_sq += g_norm**2
             update_sq += u_norm**2
         record["global_grad_norm"] = math.sqrt(grad_sq)
@@ -353,9 +352,6 @@ def test_layout_groups_each_statistic():
     assert sorted(charted) == sorted(tags), "every tag in exactly one chart"
     for name in DEFAULT_STATISTICS:
         assert charts[name] == [f"optimizer/{name}/{key}" for key in keys]
-    assert charts["nonfinite_grad_count_total"] == [
-        f"optimizer/nonfinite_grad_count_total/{key}" for key in keys
-    ]
     for name in ("learning_rate", "global_grad_norm", "global_update_norm"):
         assert charts[name] == [f"optimizer/{name}"]
     # The layout is written before the first metrics.
