@@ -97,10 +97,7 @@ def describe(path):
     signs = np.sign(path[path != 0])
     beyond = np.flatnonzero(overshoot > 0)
     return {
-        "x_1": path[1],
-        "x_5": path[5],
-        "x_10": path[10],
-        "x_50": path[50],
+        **{f"x_{k}": float(path[k]) for k in (1, 5, 10, 50)},
         "first_overshoot_step": int(beyond[0]) if len(beyond) else None,
         "max_overshoot": float(overshoot.max()),
         "sign_changes": int(np.sum(signs[1:] != signs[:-1])),

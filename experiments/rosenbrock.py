@@ -127,13 +127,16 @@ def distance(path):
 
 
 def summarize(path):
-    """What a run keeps: the fixed start's path, distances every CHUNK steps, divergence."""
+    """What a run keeps: the fixed start's path, distances every CHUNK steps (and at the last
+    step), divergence."""
+    steps = np.unique(np.append(np.arange(0, len(path), CHUNK), len(path) - 1))
     with np.errstate(all="ignore"):
         diverged = ~np.isfinite(path).all(axis=(0, 2))
-        distances = distance(path[::CHUNK])
+        distances = distance(path[steps])
     distances[:, diverged] = np.nan
     return {
         "fixed_path": path[:, 0],
+        "steps": steps,
         "distances": distances,
         "diverged": diverged,
         "median_distance": _median(distances[-1, 1:]),
@@ -252,7 +255,7 @@ def _record(name, lr, grid, config):
         diverged=f"{summary['diverged_starts']}/{config.starts}",
         fixed_start_diverged=bool(summary["diverged"][0]),
         distance_501=summary["distance_501"],
-        median_distance_500=_median(summary["distances"][min(5, config.steps // CHUNK), 1:]),
+        median_distance_500=_median(summary["distances"][min(500, config.steps) // CHUNK, 1:]),
         grid=[
             {"learning_rate": rate, "median_distance": s["median_distance"],
              "diverged": s["diverged_starts"], "distance_501": s["distance_501"]}
@@ -292,7 +295,7 @@ def _notes(records, config):
             f"{'holds' if holds else 'does not hold'} here (it would need PowerSign closest to "
             "(1, 1) early, both from the post's start and over the random starts). Distance at "
             f"step {at} from the post's start: {_listing(early)}. Median distance at step "
-            f"{min(5, config.steps // CHUNK) * CHUNK} over the random starts: "
+            f"{min(500, config.steps) // CHUNK * CHUNK} over the random starts: "
             f"{_listing(early_median)}. Even with each "
             f"optimizer's rate chosen for its distance at step {at} from the post's start: "
             f"{_listing(early_best)}."
@@ -369,27 +372,28 @@ def plot_trajectories(chosen, records, config):
 
 
 def plot_distances(chosen, records, config):
-    """Distance to (1, 1) against step: from the post's start, and the median (with the
-    interquartile band) over the random starts."""
+    """Distance to (1, 1) against step: from the post's start (every step), and the median
+    (with the interquartile band) over the random starts (every CHUNK steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True, layout="constrained")
-    steps = np.arange(0, config.steps + 1, CHUNK)
     for record in records:
         summary = chosen[record["optimizer"]]
         label = f"{record['optimizer']} (lr {record['learning_rate']:g})"
-        (line,) = left.plot(steps, summary["distances"][:, 0], label=label)
+        with np.errstate(all="ignore"):
+            fixed = distance(summary["fixed_path"])
+        (line,) = left.plot(np.arange(len(fixed)), fixed, label=label, lw=1.2)
         random = summary["distances"][:, 1:]
         with np.errstate(all="ignore"):
             low, mid, high = np.nanpercentile(random, [25, 50, 75], axis=1)
-        right.plot(steps, mid, color=line.get_color())
-        right.fill_between(steps, low, high, color=line.get_color(), alpha=0.12)
-    left.set(title=f"from ({config.start[0]}, {config.start[1]})", xlabel="step",
+        right.plot(summary["steps"], mid, color=line.get_color())
+        right.fill_between(summary["steps"], low, high, color=line.get_color(), alpha=0.12)
+    left.set(title=f"from ({config.start[0]}, {config.start[1]}), every step", xlabel="step",
              ylabel="distance to (1, 1)", yscale="log")  # fmt: skip
-    right.set(title=f"{config.starts} random starts: median and interquartile range",
+    right.set(title=f"{config.starts} random starts: median and interquartile range, every {CHUNK}",
               xlabel="step", yscale="log")  # fmt: skip
     figure.legend(loc="outside right center", fontsize=8)
     return figure
