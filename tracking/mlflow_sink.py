@@ -11,6 +11,7 @@ server as a new run, every record included.
 import collections
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -34,10 +35,20 @@ def check_tracking_uri(uri):
         raise ValueError(
             f"Argument `tracking_uri` must be a non-empty string. Received: tracking_uri={uri!r}"
         )
+    if "://" in uri and not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", uri):
+        raise ValueError(
+            f"Argument `tracking_uri` is not a URI (scheme://...). Received: tracking_uri={uri!r}"
+        )
     parsed = urllib.parse.urlparse(uri)
     scheme = parsed.scheme.split("+")[0]
     if len(scheme) == 1:  # a Windows drive letter
         scheme = ""
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        raise ValueError(
+            "Argument `tracking_uri` names a file store, which MLflow 3 refuses unless "
+            "MLFLOW_ALLOW_FILE_STORE=true; use e.g. sqlite:///path/mlflow.db or http://host:port. "
+            f"Received: tracking_uri={uri!r}"
+        )
     if scheme not in _SCHEMES:
         raise ValueError(
             f"Argument `tracking_uri` has an unsupported scheme {parsed.scheme!r}; use a local "
