@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/optiscope demo
+	$(BIN)/optiscope run rosenbrock
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

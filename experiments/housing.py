@@ -39,7 +39,7 @@ class Config:
         "SignAveraging", "SGD", "EMAMomentum", "PowerSign", "AddSign", "RMSprop", "Adam",
     )  # fmt: skip
     learning_rates: tuple = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-    tuning_epochs: int = 5
+    tuning_epochs: int = 10
     epochs: int = 50
     seeds: int = 3
     post_learning_rate: float = 1e-3
@@ -165,7 +165,9 @@ def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
             OptimizerStatsLogger(
                 sinks=sinks,
                 interval=config.log_interval,
-                params={"data": f"California housing, {len(x)} training rows, standardised"},
+                params={
+                    "data_description": f"California housing, {len(x)} training rows, standardised"
+                },
             )
         )
     x, y = parts["train"]
@@ -179,7 +181,8 @@ def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
     losses += [math.nan] * (epochs - len(losses))  # stopped by TerminateOnNaN
     valid = history.history.get("val_loss", [])
     valid += [math.nan] * (epochs - len(valid))
-    return {"loss": losses, "val_loss": valid, "seconds": seconds, **final}
+    weights = model.get_layer("linear").kernel.numpy()[:, 0].astype("float64")
+    return {"loss": losses, "val_loss": valid, "seconds": seconds, "weights": weights, **final}
 
 
 def tune(name, parts, config):
@@ -206,6 +209,7 @@ def _summary(optimizer, lr, rule, runs):
         record[f"{part}_mse_mean"], record[f"{part}_mse_std"] = mean, std
         record[f"{part} MSE"] = f"{mean:.4f} ± {std:.4f}"
     record["seconds"] = float(np.mean([r["seconds"] for r in runs]))
+    record["weights"] = np.mean([r["weights"] for r in runs], axis=0).tolist()
     return record
 
 
@@ -229,10 +233,12 @@ def run(config=Config(), tracker=None, options=None):
             if (name, lr, seed) in runs:
                 continue
             params = {
-                "optimizer": name, "learning_rate": lr, "seed": seed,
-                "tuning_valid_mse": tuning.get(name, {}).get("scores"),
                 **dataclasses.asdict(config),
-            }  # fmt: skip
+                "optimizer": name,
+                "learning_rate": lr,
+                "seed": seed,
+                "tuning_valid_mse": tuning.get(name, {}).get("scores"),
+            }
             sinks = tracker.setting(f"{name} lr={lr:g} seed={seed}", params)
             runs[(name, lr, seed)] = train(name, lr, seed, config.epochs, parts, config, sinks)
             advance(f"{NAME}: {name} lr={lr:g} seed={seed}")
@@ -251,8 +257,9 @@ def run(config=Config(), tracker=None, options=None):
                 records.append({"optimizer": name, "rule": "every grid rate diverged"})
                 continue
             final(name, chosen, advance)
-            record = _summary(name, chosen, f"grid: {budget}", [runs[(name, chosen, s)]
-                                                                 for s in seeds])  # fmt: skip
+            record = _summary(
+                name, chosen, f"grid: {budget}", [runs[(name, chosen, s)] for s in seeds]
+            )
             record["tuning_valid_mse"] = tuning[name]["scores"]
             records.append(record)
         if POST in names:
@@ -268,8 +275,8 @@ def run(config=Config(), tracker=None, options=None):
         records=records,
         columns=COLUMNS,
         reference=_reference(runs, config),
-        reference_columns=REFERENCE_COLUMNS + [f"ours, seed {config.seed}",
-                                               f"ours, mean of {len(seeds)} seeds"],  # fmt: skip
+        reference_columns=REFERENCE_COLUMNS
+        + [f"ours, seed {config.seed}", f"ours, mean of {len(seeds)} seeds"],
         notes=_notes(records, tuning, runs, parts, config, wall, tuning_seconds),
         figures={"curves": plot_curves(runs, records, config), "test_mse": plot_test(records)},
     )
@@ -281,8 +288,14 @@ def _least_squares(parts):
     x, y = (a.astype("float64") for a in parts["train"])
     design = np.c_[x, np.ones(len(x))]
     weights = np.linalg.lstsq(design, y, rcond=None)[0]
-    record = {"optimizer": "least squares (closed form)", "learning_rate": "", "seeds": "",
-              "rule": "normal equations, for reference", "seconds": ""}  # fmt: skip
+    record = {
+        "optimizer": "least squares (closed form)",
+        "learning_rate": "",
+        "seeds": "",
+        "rule": "normal equations, for reference",
+        "seconds": "",
+    }
+    record["weights"] = weights[:-1].tolist()
     for part, (xs, ys) in parts.items():
         value = float(np.mean((np.c_[xs, np.ones(len(xs))] @ weights - ys) ** 2))
         record[f"{part}_mse_mean"] = value
@@ -291,8 +304,11 @@ def _least_squares(parts):
 
 
 def _reference(runs, config):
-    losses = [r["loss"] for (name, lr, _), r in runs.items()
-              if name == POST and lr == config.post_learning_rate]  # fmt: skip
+    losses = [
+        r["loss"]
+        for (name, lr, _), r in runs.items()
+        if name == POST and lr == config.post_learning_rate
+    ]
     first = runs.get((POST, config.post_learning_rate, config.seed))
     rows = []
     for row in REFERENCE:
@@ -300,16 +316,20 @@ def _reference(runs, config):
         if epoch > config.epochs or first is None:
             continue
         mean, std = _mean_std([loss[epoch - 1] for loss in losses])
-        rows.append({
-            "epoch": epoch,
-            "post": f"{row['post']:.4f}",
-            f"ours, seed {config.seed}": f"{first['loss'][epoch - 1]:.4f}",
-            f"ours, mean of {config.seeds} seeds": f"{mean:.4f} ± {std:.4f}",
-        })  # fmt: skip
+        rows.append(
+            {
+                "epoch": epoch,
+                "post": f"{row['post']:.4f}",
+                f"ours, seed {config.seed}": f"{first['loss'][epoch - 1]:.4f}",
+                f"ours, mean of {config.seeds} seeds": f"{mean:.4f} ± {std:.4f}",
+            }
+        )
     return rows
 
 
 def _notes(records, tuning, runs, parts, config, wall, tuning_seconds):
+    from optiscope.experiments.data import CALIFORNIA_FEATURES
+
     by = {(r["optimizer"], r.get("rule", "")): r for r in records}
     notes = [
         f"Protocol: learning rate per optimizer from the grid "
@@ -343,8 +363,14 @@ def _notes(records, tuning, runs, parts, config, wall, tuning_seconds):
         )
     post = by.get((POST, "the post's setting"))
     sgd = next((r for r in records if r["optimizer"] == "SGD" and "test_mse_mean" in r), None)
-    tuned_sa = next((r for r in records if r["optimizer"] == POST and r["rule"].startswith("grid")
-                     and "test_mse_mean" in r), None)  # fmt: skip
+    tuned_sa = next(
+        (
+            r
+            for r in records
+            if r["optimizer"] == POST and r["rule"].startswith("grid") and "test_mse_mean" in r
+        ),
+        None,
+    )
     if post and sgd:
         candidates = [r for r in (post, tuned_sa) if r]
         best = min(candidates, key=lambda r: r["test_mse_mean"])
@@ -359,8 +385,6 @@ def _notes(records, tuning, runs, parts, config, wall, tuning_seconds):
         )
     x_valid, y_valid = parts["valid"]
     row, feature = np.unravel_index(np.argmax(np.abs(x_valid)), x_valid.shape)
-    from optiscope.experiments.data import CALIFORNIA_FEATURES
-
     ls = next(r for r in records if r["optimizer"].startswith("least squares"))
     notes.append(
         f"The validation MSE is dominated by a few districts: validation row {row} has "
@@ -369,6 +393,19 @@ def _notes(records, tuning, runs, parts, config, wall, tuning_seconds):
         f"{ls['valid_mse_mean']:.3f} against train {ls['train_mse_mean']:.3f}; the tuning rule "
         "therefore favours rates whose weight on that feature stays small."
     )
+    drifted = [
+        f"{_label(r)}: {r['weights'][feature]:+.3f}"
+        for r in records
+        if "weights" in r and r is not ls and r["valid_mse_mean"] > 10 * ls["valid_mse_mean"]
+    ]
+    if drifted:
+        notes.append(
+            f"Rows whose validation MSE is over 10x the least-squares fit's end with the "
+            f"{CALIFORNIA_FEATURES[feature]} weight far from its least-squares value "
+            f"{ls['weights'][feature]:+.3f} (mean over seeds): {'; '.join(drifted)}. Their "
+            "training MSE stays above the least-squares one too: these rules do not converge "
+            "to the least-squares solution with batch-32 gradients."
+        )
     notes.append(
         f"Wall time {wall:.1f} s ({tuning_seconds:.1f} s tuning, {len(runs)} full runs of "
         f"{config.epochs} epochs)."
@@ -404,22 +441,39 @@ def plot_curves(runs, records, config):
             curves = np.array([runs[(name, lr, s)][key] for s in config.seed_list], "float64")
             line = ax.plot(epochs, curves.mean(0), style, lw=1.4, label=_label(record))[0]
             if len(curves) > 1:
-                ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15,
-                                color=line.get_color())  # fmt: skip
+                ax.fill_between(
+                    epochs, curves.min(0), curves.max(0), alpha=0.15, color=line.get_color()
+                )
     reference = [(r["epoch"], r["post"]) for r in REFERENCE if r["epoch"] <= config.epochs]
     if reference:
         axes[0].plot(*zip(*reference, strict=True), "kx", ms=7, label="the post (SignAveraging)")
     least = next(r for r in records if r["optimizer"].startswith("least squares"))
     for ax, part in zip(axes, ("train", "valid"), strict=True):
-        ax.axhline(least[f"{part}_mse_mean"], color="gray", ls=":", lw=1,
-                   label="least squares (closed form)")  # fmt: skip
-    axes[0].set(title="training loss (running mean over the epoch)", xlabel="epoch",
-                ylabel="MSE", yscale="log")  # fmt: skip
-    axes[1].set(title="validation MSE (after each epoch)", xlabel="epoch", ylabel="MSE",
-                yscale="log")  # fmt: skip
-    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    figure.suptitle(f"California housing, linear regression, batch {config.batch_size} "
-                    f"(mean of {config.seeds} seed(s), band: min..max)")  # fmt: skip
+        ax.axhline(
+            least[f"{part}_mse_mean"],
+            color="gray",
+            ls=":",
+            lw=1,
+            label="least squares (closed form)",
+        )
+    axes[0].set(
+        title="training loss (running mean over the epoch)",
+        xlabel="epoch",
+        ylabel="MSE",
+        yscale="log",
+    )
+    axes[1].set(
+        title="validation MSE (after each epoch)", xlabel="epoch", ylabel="MSE", yscale="log"
+    )
+    handles = dict(zip(*axes[1].get_legend_handles_labels()[::-1], strict=True))
+    handles.update(zip(*axes[0].get_legend_handles_labels()[::-1], strict=True))
+    axes[1].legend(
+        handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0)
+    )
+    figure.suptitle(
+        f"California housing, linear regression, batch {config.batch_size} "
+        f"(mean of {config.seeds} seed(s), band: min..max)"
+    )
     figure.tight_layout()
     return figure
 
@@ -431,11 +485,16 @@ def plot_test(records):
     least = next(r for r in records if r["optimizer"].startswith("least squares"))
     figure, ax = plt.subplots(figsize=(8, 4.5))
     means = [r["test_mse_mean"] for r in rows]
-    ax.bar(range(len(rows)), means, yerr=[r["test_mse_std"] for r in rows], capsize=4,
-           color=["tab:orange" if r["optimizer"] == POST else "tab:blue" for r in rows])  # fmt: skip
+    bars = ax.bar(
+        range(len(rows)),
+        means,
+        yerr=[r["test_mse_std"] for r in rows],
+        capsize=4,
+        color=["tab:orange" if r["optimizer"] == POST else "tab:blue" for r in rows],
+    )
+    ax.bar_label(bars, labels=[f"{m:.3f}" for m in means], fontsize=7, padding=2)
     ax.axhline(least["test_mse_mean"], color="gray", ls=":", label="least squares (closed form)")
-    ax.set_xticks(range(len(rows)), [_label(r).replace(" lr=", "\nlr=") for r in rows],
-                  fontsize=7)  # fmt: skip
+    ax.set_xticks(range(len(rows)), [_label(r).replace(" lr=", "\nlr=") for r in rows], fontsize=7)
     finite = [m for m in means if math.isfinite(m)]
     if finite and max(finite) / max(min(finite), 1e-12) > 20:
         ax.set_yscale("log")
