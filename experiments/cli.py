@@ -121,7 +121,9 @@ def _run(args):
     print(f"\nResults in {os.path.dirname(result.files['json'])}/")
     if options.track:
         print(
-            f"TensorBoard: {options.logdir}/  MLflow: experiment 'optiscope'.  Open: optiscope ui"
+            f"TensorBoard runs in {options.logdir}/, MLflow runs in experiment 'optiscope'.\n"
+            "Look at them with:  optiscope ui  (TensorBoard on http://127.0.0.1:6006, "
+            "the MLflow UI on http://127.0.0.1:5000)"
         )
     return 0
 
