@@ -18,6 +18,19 @@ BOSTON_COLUMNS = [
 ]  # fmt: skip
 
 
+_CALIFORNIA_HOW = (
+    f"Give a local copy with --data PATH or {CALIFORNIA_ENV}=PATH: a CSV (or .csv.gz) with the "
+    f"columns {', '.join(CALIFORNIA_FEATURES)}, MedHouseVal, e.g. written by "
+    "fetch_california_housing(as_frame=True).frame.to_csv(PATH, index=False) on a machine "
+    "with network access."
+)
+_BOSTON_HOW = (
+    f"Give a local copy with --data PATH or {BOSTON_ENV}=PATH (Keras' boston_housing.npz, or a "
+    f"CSV of the 506 rows with the columns {', '.join(BOSTON_COLUMNS)}), or `pip install "
+    "mlxtend`, whose wheel ships the data."
+)
+
+
 class DataUnavailable(RuntimeError):
     """The data set is not here and cannot be fetched; the message says what to do."""
 
@@ -41,7 +54,7 @@ def california_housing(path=None):
     path = path or os.environ.get(CALIFORNIA_ENV)
     if path:
         if not os.path.exists(path):
-            raise DataUnavailable(f"no California housing file at {path!r}")
+            raise DataUnavailable(f"no California housing file at {path!r}. {_CALIFORNIA_HOW}")
         frame = _read_csv(path, [*CALIFORNIA_FEATURES, "MedHouseVal"])
         return frame[CALIFORNIA_FEATURES].to_numpy("float64"), frame["MedHouseVal"].to_numpy(
             "float64"
@@ -53,11 +66,7 @@ def california_housing(path=None):
     except Exception as err:  # offline, blocked, or a broken cache
         raise DataUnavailable(
             "California housing is not cached and could not be downloaded "
-            f"({type(err).__name__}: {err}). Give a local copy with --data PATH or "
-            f"{CALIFORNIA_ENV}=PATH: a CSV (or .csv.gz) with the columns "
-            f"{', '.join(CALIFORNIA_FEATURES)}, MedHouseVal, e.g. written by "
-            "fetch_california_housing(as_frame=True).frame.to_csv(PATH, index=False) "
-            "on a machine with network access."
+            f"({type(err).__name__}: {err}). {_CALIFORNIA_HOW}"
         ) from None
     return data.data.astype("float64"), data.target.astype("float64")
 
@@ -76,7 +85,7 @@ def boston_housing(path=None):
         path = keras_cache
     if path is not None:
         if not os.path.exists(path):
-            raise DataUnavailable(f"no Boston housing file at {path!r}")
+            raise DataUnavailable(f"no Boston housing file at {path!r}. {_BOSTON_HOW}")
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as npz:
                 x, y = npz["x"], npz["y"]
@@ -88,10 +97,7 @@ def boston_housing(path=None):
             from mlxtend.data import boston_housing_data
         except ImportError:
             raise DataUnavailable(
-                "Boston housing is not available offline here. Give a local copy with --data "
-                f"PATH or {BOSTON_ENV}=PATH (Keras' boston_housing.npz, or a CSV of the 506 rows "
-                f"with the columns {', '.join(BOSTON_COLUMNS)}), or `pip install mlxtend`, "
-                "whose wheel ships the data."
+                f"Boston housing is not available offline here. {_BOSTON_HOW}"
             ) from None
         x, y = boston_housing_data()
     return keras_split(np.asarray(x, "float64"), np.asarray(y, "float64").ravel())

@@ -534,14 +534,11 @@ class Instrumented:
         n = len(plan.keys)
         state = ops.copy(plan.state)
         marks = ops.copy(plan.marks)
-        if advance:
-            count, window = state[_ROWS * n], state[_ROWS * n + 1]
-            self.assign(
-                plan.marks,
-                ops.concatenate(
-                    [state[n : 2 * n], state[4 * n : 5 * n], ops.stack([count, window + 1.0])]
-                ),
-            )
+        count, window = state[_ROWS * n], state[_ROWS * n + 1]
+        now = ops.concatenate(
+            [state[n : 2 * n], state[4 * n : 5 * n], ops.stack([count, window + 1.0])]
+        )
+        self.assign(plan.marks, ops.where(advance, now, marks))  # one trace for both cases
         return ops.concatenate([state, marks])
 
     def statistics(self, reset=True):
@@ -568,7 +565,8 @@ class Instrumented:
             )
         if plan.reader is None:
             plan.reader = _compiled(self._read_state)
-        flat = ops.convert_to_numpy(plan.reader(bool(reset)))  # the one transfer
+        advance = ops.convert_to_tensor(bool(reset))
+        flat = ops.convert_to_numpy(plan.reader(advance))  # the one transfer
         n = len(plan.keys)
         rows = [flat[r * n : (r + 1) * n] for r in range(_ROWS)]
         last, total, maximum, first, bad = rows

@@ -129,6 +129,8 @@ class MlflowSink(Sink):
         self.flush_interval = flush_interval
         self.spool_path = None
         self.last_error = None
+        self.rejected = 0
+        self._params = {}
 
         self.run_id = run_id
         self._owns_run = run_id is None
@@ -166,7 +168,24 @@ class MlflowSink(Sink):
 
     # ------------------------------------------------------------------ public interface
     def log_params(self, params):
-        clean = {naming.mlflow_key(k): naming.param_value(v) for k, v in params.items()}
+        """MLflow keeps one value per param: a key logged again with another value is kept
+        under `<key>_2` (`_3`, ...), with a warning, instead of failing the run's batches."""
+        clean = {}
+        for key, value in params.items():
+            key, value = naming.mlflow_key(key), naming.param_value(value)
+            if self._params.get(key, value) != value:
+                renamed = next(
+                    f"{key}_{i}" for i in range(2, 10**6) if f"{key}_{i}" not in self._params
+                )
+                warnings.warn(
+                    f"optiscope: param {key!r} of run {self.run_name!r} was logged before with "
+                    f"another value; this value is kept as {renamed!r}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                key = renamed
+            self._params[key] = value
+            clean[key] = value
         self._enqueue({"kind": "params", "params": clean})
 
     def log_metrics(self, metrics, step):
@@ -239,7 +258,7 @@ class MlflowSink(Sink):
             undelivered = len(self._pending)
             self._pending.clear()
             self._waiting_metrics = 0
-        if delivered:
+        if delivered and not self.rejected:
             os.remove(self._journal_path)
             return
         os.makedirs(self.spool_dir, exist_ok=True)
@@ -248,7 +267,8 @@ class MlflowSink(Sink):
         )
         shutil.move(self._journal_path, self.spool_path)
         warnings.warn(
-            f"optiscope: the MLflow server could not take {undelivered} record(s) of run "
+            f"optiscope: the MLflow server could not take {undelivered + self.rejected} "
+            f"record(s) of run "
             f"{self.run_name!r} ({self.last_error}). The whole run is kept in {self.spool_path}; "
             f"replay it with: optiscope replay {self.spool_path} --tracking-uri URI",
             RuntimeWarning,
@@ -302,7 +322,15 @@ class MlflowSink(Sink):
                 self._deliver(batch)
             except Exception as err:  # noqa: BLE001 - any back-end failure means: retry later
                 self.last_error = f"{type(err).__name__}: {err}"
-                return False
+                if not _rejected(err):
+                    return False
+                self.rejected += len(batch)  # the server refuses these for good: kept, not retried
+                warnings.warn(
+                    f"optiscope: the MLflow server rejected {batch[0]['kind']} of run "
+                    f"{self.run_name!r} ({self.last_error}); they stay in the spool file",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             with self._lock:
                 for record in batch:
                     if self._pending:
@@ -331,6 +359,12 @@ class MlflowSink(Sink):
     def _deliver(self, batch):
         run_id = self._ensure_run()
         deliver_records(self._client, run_id, batch, owns_run=self._owns_run)
+
+
+def _rejected(error):
+    """True for errors the server will repeat (a bad request), not outages."""
+    code = getattr(error, "error_code", "")
+    return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS")
 
 
 def _next_batch(pending):
