@@ -5,6 +5,7 @@ Adam; they differ only in instrumentation and in how often a callback reads the 
 Epochs are timed in interleaved rounds and compared by their medians.
 
     python benchmarks/instrumentation_overhead.py [--rounds 7] [--steps-per-execution 1]
+        [--jit-compile]
 """
 
 import argparse
@@ -33,7 +34,7 @@ class ReadEvery(keras.callbacks.Callback):
             self.reads += 1
 
 
-def make_fit(optimizer, callbacks, data, steps_per_execution):
+def make_fit(optimizer, callbacks, data, steps_per_execution, jit_compile):
     x, y = data
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
@@ -44,7 +45,12 @@ def make_fit(optimizer, callbacks, data, steps_per_execution):
             keras.layers.Dense(1),
         ]
     )
-    model.compile(optimizer=optimizer, loss="mse", steps_per_execution=steps_per_execution)
+    model.compile(
+        optimizer=optimizer,
+        loss="mse",
+        steps_per_execution=steps_per_execution,
+        jit_compile=jit_compile,
+    )
     fit = lambda: model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=callbacks)  # noqa: E731
     fit()  # trace and warm up
     return fit
@@ -54,6 +60,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-execution", type=int, default=1)
+    parser.add_argument("--jit-compile", action="store_true", help="compile steps with XLA")
     args = parser.parse_args()
     spe = args.steps_per_execution
     rng = np.random.default_rng(0)
@@ -75,12 +82,16 @@ def main():
             [ReadEvery(100)],
         ),
     }
-    fits = {name: make_fit(opt, cbs, data, spe) for name, (opt, cbs) in variants.items()}
+    fits = {
+        name: make_fit(opt, cbs, data, spe, args.jit_compile)
+        for name, (opt, cbs) in variants.items()
+    }
     times = _timing.interleaved(fits, args.rounds)
 
     base = times["keras Adam, uninstrumented"]
     print(
-        f"# instrumentation overhead in model.fit, steps_per_execution={spe}; {_timing.machine()}"
+        f"# instrumentation overhead in model.fit, steps_per_execution={spe}, "
+        f"jit_compile={args.jit_compile}; {_timing.machine()}"
     )
     print(f"{'variant':<44}{'s/epoch':>9}{'ms/step':>9}{'ratio':>8}")
     for name, t in times.items():

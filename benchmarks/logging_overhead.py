@@ -51,12 +51,11 @@ def main():
     x = rng.normal(size=(20640, 8)).astype("float32")
     y = rng.normal(size=(20640, 1)).astype("float32")
 
-    def optiscope_logger(interval, name):
+    def optiscope_logger(interval, name, mlflow_sink=True):
         def callbacks():
-            sinks = [
-                TensorBoardSink(logdir=f"{work}/tb", run_name=name),
-                MlflowSink(tracking_uri=uri, run_name=name),
-            ]
+            sinks = [TensorBoardSink(logdir=f"{work}/tb", run_name=name)]
+            if mlflow_sink:
+                sinks.append(MlflowSink(tracking_uri=uri, run_name=name))
             return [OptimizerStatsLogger(sinks=sinks, interval=interval)]
 
         return callbacks
@@ -80,6 +79,14 @@ def main():
         "optiscope, all statistics, both sinks, every 10 steps": (
             InstrumentedAdam(1e-3, statistics="all"),
             optiscope_logger(10, "i10"),
+        ),
+        "optiscope, all statistics, TensorBoard only, every 10 steps": (
+            InstrumentedAdam(1e-3, statistics="all"),
+            optiscope_logger(10, "tb10", mlflow_sink=False),
+        ),
+        "optiscope, default statistics, both sinks, every 100 steps": (
+            InstrumentedAdam(1e-3),
+            optiscope_logger(100, "d100"),
         ),
         "keras TensorBoard(update_freq='batch', histogram_freq=1)": (
             keras.optimizers.Adam(1e-3),
