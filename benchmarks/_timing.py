@@ -29,3 +29,18 @@ def machine():
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
     )
+
+
+def california_mlp():
+    """The benchmarks' model: 8 -> 64 -> 64 -> 1 (ReLU), seeded, for California-shaped data."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )

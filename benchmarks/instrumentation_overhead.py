@@ -36,15 +36,7 @@ class ReadEvery(keras.callbacks.Callback):
 
 def make_fit(optimizer, callbacks, data, steps_per_execution, jit_compile):
     x, y = data
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((8,)),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(1),
-        ]
-    )
+    model = _timing.california_mlp()
     model.compile(
         optimizer=optimizer,
         loss="mse",
