@@ -117,7 +117,7 @@ def test_numpy_reference_explodes_at_step_6():
 def test_large_finite_gradient_has_a_finite_norm():
     """At step 4 the gradient is -2.79e23, finite in float32 (max 3.4e38), so its norm is too
     (SPEC §2: grad_norm = ‖g‖₂); only at step 5 does the gradient itself overflow to Inf."""
-    optimizer = InstrumentedSGD(LR)
+    optimizer = InstrumentedSGD(LR, statistics=["default", "nonfinite_grad_count"])
     model, values, _ = train(optimizer, keras.callbacks.Callback(), epochs=4)
     key = variable_keys(model.trainable_variables)[0]
     statistics = optimizer.statistics()
