@@ -306,7 +306,7 @@ def _notes(records, config):
     if sgd and ema and np.isclose(sgd["learning_rate"], ema["learning_rate"] * (1 - mu)):
         notes.append(
             f"EMAMomentum at lr {ema['learning_rate']:g} is SGD(lr * (1 - mu), momentum=mu) "
-            "(SPEC 1.3), and the two rows chose rates in that ratio: final distances from the "
+            "and the two rows chose rates in that ratio: final distances from the "
             f"post's start {ema['final_distance']:.6g} and {sgd['final_distance']:.6g}."
         )
     failed = [r["optimizer"] for r in records if r["fixed_start_diverged"]]

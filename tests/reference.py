@@ -1,4 +1,4 @@
-"""NumPy reference implementations of the update rules, written from SPEC.md §1.
+"""NumPy reference implementations of the update rules, written from the update rules' formulas.
 
 Nothing here imports optiscope: these are the formulas as written, so tests can run an
 optimizer in lockstep with them. Every step function takes the variable, the gradient and the

@@ -1,4 +1,4 @@
-"""`OptimizerStatsLogger` (SPEC §2, §3, §6): what it reads, when, under which tags, what it puts
+"""`OptimizerStatsLogger`: what it reads, when, under which tags, what it puts
 into Keras' `logs`, and how it ends runs (FINISHED / FAILED / KILLED) and survives failing sinks.
 
 A linear model trained with plain gradient descent has a closed-form gradient, so every logged
@@ -37,7 +37,7 @@ STEPS_PER_EPOCH = SAMPLES // BATCH  # 12
 EPOCHS = 2
 STEPS = STEPS_PER_EPOCH * EPOCHS  # 24
 LR = 0.1
-EPS = 1e-12  # SPEC §2's epsilon
+EPS = 1e-12  # the statistics' epsilon
 AGGREGATE_KEYS = (
     "opt_learning_rate",
     "opt_global_grad_norm",

@@ -1,4 +1,4 @@
-"""Statistics and logging under `tf.distribute` (SPEC §3, §6).
+"""Statistics and logging under `tf.distribute`.
 
 Each scenario runs in a subprocess: logical devices must be configured before TensorFlow
 initialises, and a multi-worker cluster needs processes of its own. The scripts print (or write)

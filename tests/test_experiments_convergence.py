@@ -1,4 +1,4 @@
-"""The 1-D convergence experiment reproduces SPEC §4.3's table exactly, and the CLI writes it."""
+"""The 1-D convergence experiment reproduces the guide's table exactly, and the CLI writes it."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 
 from optiscope.experiments import convergence, harness
 
-# SPEC §4.3: (optimizer row, learning rate) -> (outcome, iteration)
+# The guide's table: (optimizer row, learning rate) -> (outcome, iteration)
 EXPECTED = {
     ("gradient descent", 1e-3): ("not_converged", 2000),
     ("gradient descent", 1e-2): ("not_converged", 2000),

@@ -140,7 +140,7 @@ def test_quick_run_writes_files(quick, tmp_path):
 
 
 def _reference_paths(config):
-    """The three update rules in float64 NumPy, from SPEC §1.3."""
+    """The three update rules in float64 NumPy, from their formulas."""
     lr, mu, a = config.learning_rate, config.momentum, config.curvature
     paths = {}
     for name in (momentum.SGD, momentum.EMA, momentum.CORRECTED):

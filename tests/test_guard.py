@@ -1,7 +1,7 @@
-"""`DivergenceGuard` (SPEC §6) on SPEC §4.3's one-dimensional test.
+"""`DivergenceGuard` on the one-dimensional test of the convergence experiment.
 
 L(x) = 2x⁴ + 3x³ + 2 from x = 2 with gradient descent at lr 0.1 explodes: in float32 the gradient
-is Inf at step 5 (x₄ ≈ 2.8e22) and NaN at step 6 (x₅ = -Inf), the step where SPEC §4.3's table
+is Inf at step 5 (x₄ ≈ 2.8e22) and NaN at step 6 (x₅ = -Inf), the step where the guide's table
 says it "exploded at iteration 6". The model has one scalar weight x and outputs L(x); the loss
 is the output itself, and every batch (one dummy sample) is one optimizer step.
 """
@@ -116,7 +116,7 @@ def test_numpy_reference_explodes_at_step_6():
 
 def test_large_finite_gradient_has_a_finite_norm():
     """At step 4 the gradient is -2.79e23, finite in float32 (max 3.4e38), so its norm is too
-    (SPEC §2: grad_norm = ‖g‖₂); only at step 5 does the gradient itself overflow to Inf."""
+    (grad_norm = ‖g‖₂); only at step 5 does the gradient itself overflow to Inf."""
     optimizer = InstrumentedSGD(LR, statistics=["default", "nonfinite_grad_count"])
     model, values, _ = train(optimizer, keras.callbacks.Callback(), epochs=4)
     key = variable_keys(model.trainable_variables)[0]

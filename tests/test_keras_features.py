@@ -1,5 +1,5 @@
 """The library's optimizers keep working with the Keras base-class features under
-`model.fit` (SPEC.md §1): clipping, schedules, EMA, gradient accumulation, loss scaling,
+`model.fit`: clipping, schedules, EMA, gradient accumulation, loss scaling,
 weight decay, mixed precision, sparse (Embedding) gradients and `.keras` files."""
 
 import functools

@@ -1,4 +1,4 @@
-"""The instrumentation's statistics (SPEC §2), recomputed in NumPy while `model.fit` runs.
+"""The instrumentation's statistics, recomputed in NumPy while `model.fit` runs.
 
 A callback records, at every batch, the variables before and after the step and the optimizer's
 slots (found through the optimizer's own attributes, not through the instrumentation). The
@@ -31,7 +31,7 @@ SAMPLES = 64
 BATCH = 8
 EPOCHS = 3
 STEPS = SAMPLES // BATCH * EPOCHS  # 24
-EPS = 1e-12  # SPEC §2's epsilon in effective_lr and update_ratio
+EPS = 1e-12  # the epsilon in effective_lr and update_ratio
 RTOL = 1e-5
 ATOL = 1e-8
 
@@ -559,7 +559,7 @@ def test_variable_without_gradient_is_not_reported_nonfinite():
         model.get_layer("aux").trainable_variables, aux_before, strict=True
     ):
         np.testing.assert_array_equal(variable.numpy(), before)  # never updated
-        # SPEC §2: weight_norm is ||w_new||, and w_new = w_old here.
+        # weight_norm is ||w_new||, and w_new = w_old here.
         np.testing.assert_allclose(
             stats[("weight_norm", variable.path)].last, np.linalg.norm(before), rtol=RTOL
         )

@@ -1,4 +1,4 @@
-"""The tracking sinks against real servers (SPEC.md §2, §3, §6).
+"""The tracking sinks against real servers.
 
 A real `mlflow server` (SQLite store, served artifacts) and a real `tensorboard` run on
 127.0.0.1; what `OptimizerStatsLogger` logs during `model.fit` is read back through MLflow's
@@ -91,7 +91,7 @@ def fit(model, callbacks, epochs=EPOCHS):
 
 
 def expected_read_steps(steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS, interval=INTERVAL):
-    """The steps at which the logger reads (SPEC: every `interval` steps and at each epoch's
+    """The steps at which the logger reads (every `interval` steps and at each epoch's
     end), computed from the schedule alone: multiples of `interval` and the epoch ends."""
     total = steps_per_epoch * epochs
     multiples = set(range(interval, total + 1, interval))
@@ -260,7 +260,7 @@ def test_mlflow_params_describe_optimizer_and_model(client, mlflow_run):
 
 
 def test_mlflow_params_include_user_params(client, mlflow_run):
-    """`params={"data": "random"}` describes the data (SPEC §3: model and data description)."""
+    """`params={"data": "random"}` describes the data (the model and data description)."""
     params = client.get_run(mlflow_run["run_id"]).data.params
     assert params.get("data") == "random", sorted(params)
 
@@ -441,7 +441,7 @@ class RaiseAt(keras.callbacks.Callback):
     ids=["exception", "ctrl_c"],
 )
 def test_interrupted_fit_ends_the_mlflow_run(error, status, client, mlflow_url, tmp_path):
-    """SPEC §6: an exception or Ctrl-C ends the run as FAILED / KILLED on the server."""
+    """An exception or Ctrl-C ends the run as FAILED / KILLED on the server."""
     sink = MlflowSink(
         tracking_uri=mlflow_url,
         experiment_name="t",

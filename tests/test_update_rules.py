@@ -1,4 +1,4 @@
-"""The optimizers' update rules (SPEC.md §1) against NumPy references, fused kernels and
+"""The optimizers' update rules against NumPy references, fused kernels and
 Keras built-ins; sign decays; argument validation; configuration round trips."""
 
 import copy
