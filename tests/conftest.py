@@ -14,3 +14,15 @@ def keras_seed():
     seed = 42
     keras.utils.set_random_seed(seed)
     return seed
+
+
+@pytest.fixture
+def mixed_float16():
+    """Runs a test under the mixed_float16 policy, restoring float32 afterwards."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

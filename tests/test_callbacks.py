@@ -398,15 +398,6 @@ def test_jit_compile():
     check_windows(records, simulate_sgd())
 
 
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
 def test_loss_scale_optimizer(mixed_float16):
     """Under mixed precision the model's optimizer is a LossScaleOptimizer: the logger reads the
     instrumented optimizer inside it, and the statistics are those of the unscaled gradient."""

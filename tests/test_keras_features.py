@@ -220,13 +220,6 @@ def test_fit_with_learning_rate_schedule(name):
 
 
 # ------------------------------------------------------------------ mixed precision
-@pytest.fixture
-def mixed_float16():
-    keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
