@@ -19,8 +19,6 @@ def keras_seed():
 @pytest.fixture
 def mixed_float16():
     """Runs a test under the mixed_float16 policy, restoring float32 afterwards."""
-    import keras
-
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         yield
