@@ -410,7 +410,10 @@ def test_loss_scale_optimizer(mixed_float16):
     records = sink.statistics_records()
     assert [step for step, _ in records] == [4, 8, 12, 16, 20, 24]
     assert set(records[0][1]) == expected_tags(keys_of(model))
-    check_windows(records, simulate_sgd(), rtol=1e-2, atol=1e-4)  # float16 forward pass
+    # The float16 forward pass perturbs gradients by about 1e-3; the bias stays near zero, so its
+    # update ratio (update / weight norm) amplifies that to a few percent. A scaled gradient
+    # would be off by the loss scale (2**15), far outside this tolerance.
+    check_windows(records, simulate_sgd(), rtol=5e-2, atol=1e-4)
 
 
 def test_async_dispatch_reads_whole_windows():
