@@ -1,11 +1,13 @@
 # Two entry points for a fresh machine with Python >= 3.11:
 #   make run   - install into .venv and run the main job on the embedded defaults
 #   make test  - install into .venv (with test tools) and run the test suite
+#   make server - a team's MLflow tracking server (PostgreSQL store, served artifacts) on
+#                 127.0.0.1, data under ./optiscope-server; Ctrl-C stops it
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test lint benchmarks clean
+.PHONY: run test server lint benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +22,9 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+server: $(VENV)/.installed
+	$(BIN)/optiscope server
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
