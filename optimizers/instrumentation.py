@@ -12,6 +12,7 @@ non-finite. `optimizer.statistics()` reads all of it in one device-to-host trans
 import collections
 import dataclasses
 import functools
+import inspect
 import re
 
 import keras
@@ -20,6 +21,7 @@ from keras import ops
 
 from optiscope.optimizers import measures
 from optiscope.optimizers._common import dense_gradient
+from optiscope.optimizers._validation import check_hyperparameters
 
 AGGREGATIONS = ("variable", "layer", "global")
 _IGNORED_SLOTS = {"average", "gradient_accumulator"}  # base-class EMA and accumulation buffers
@@ -167,6 +169,7 @@ class Instrumented:
     _previous_gradient_slot = None  # a slot that already holds the previous gradient
     _sign_reference_slot = None  # the first-moment slot `sign_agreement` compares with
     _natural_statistics = ()  # added to the defaults for this optimizer
+    _keras_builtin = None  # the Keras optimizer class whose hyperparameters are checked
 
     def __init__(
         self,
@@ -177,6 +180,8 @@ class Instrumented:
         aggregation="variable",
         **kwargs,
     ):
+        if self._keras_builtin is not None:
+            check_hyperparameters(_arguments(self._keras_builtin, args, kwargs))
         super().__init__(*args, **kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(
@@ -721,6 +726,17 @@ def _compute_dtype(dtype):
     return "float64" if str(dtype) == "float64" else "float32"
 
 
+def _arguments(optimizer_class, args, kwargs):
+    """The constructor arguments by name (empty where they do not fit: Keras will say so)."""
+    try:
+        bound = inspect.signature(optimizer_class.__init__).bind_partial(None, *args, **kwargs)
+    except TypeError:
+        return {}
+    arguments = dict(bound.arguments)
+    arguments.update(arguments.pop("kwargs", {}))
+    return arguments
+
+
 def unwrap(optimizer):
     """The instrumented optimizer inside `optimizer` (e.g. a `LossScaleOptimizer`), or None."""
     while optimizer is not None and not isinstance(optimizer, Instrumented):
@@ -761,8 +777,10 @@ def instrument(optimizer_class, *, sign_reference_slot=None):
         }
         if sign_reference_slot is not None:
             attributes["_sign_reference_slot"] = sign_reference_slot
-        cls = type(name, (Instrumented, optimizer_class), attributes)
         module = optimizer_class.__module__
+        if module.startswith("keras."):
+            attributes["_keras_builtin"] = optimizer_class
+        cls = type(name, (Instrumented, optimizer_class), attributes)
         # Keras' own optimizers register as "optiscope>Instrumented<Name>"; others under their
         # module too, so that a user's `Adam` never replaces the built-in's registration.
         package = "optiscope" if module.startswith("keras.") else f"optiscope.{module}"
