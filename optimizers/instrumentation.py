@@ -459,33 +459,31 @@ class Instrumented:
     def _measure(self, inputs, learning_rate):
         """Quantities of every measured variable, then the fold into the state."""
         plan = self._optiscope
-        steps = []
-        for index, variable in enumerate(plan.selected_variables):
-            gradient, old, previous = inputs[index]
-            slots = {name: _read(slot) for name, slot in plan.selected_slots[index].items()}
-            if gradient is None:  # no gradient this step: measured as a zero gradient
-                value = _read(variable)
-                steps.append((None, value, value, slots, None))
-                continue
-            steps.append((gradient, old, _read(variable), slots, previous))
+        for variable, (gradient, _, _) in zip(plan.selected_variables, inputs, strict=True):
             own = plan.own_previous.get(self._get_variable_index(variable))
-            if own is not None:
+            if own is not None and gradient is not None:
                 self.assign(own, gradient)
         new_state = plan.step_values(
-            steps,
-            ops.cast(learning_rate, "float64"),
-            _read(plan.state),
-            plan.layout.marks(_read(plan.marks)).requested,
-            ops.cast(self.iterations + 1, "float64"),
+            inputs, ops.cast(learning_rate, "float64"), ops.cast(self.iterations + 1, "float64")
         )
         self.assign(plan.state, new_state)
 
-    def _step_state(self, steps, learning_rate, state, requested, step):
-        """The state after one step (a pure function: one XLA computation on TensorFlow)."""
-        rows = [self._quantities(row, *variable_step) for row, variable_step in enumerate(steps)]
-        return self._fold(self._finalize(ops.stack(rows), learning_rate), state, requested, step)
+    def _step_state(self, inputs, learning_rate, step):
+        """The state after one step. On TensorFlow one XLA computation, which also reads the
+        variables, slots and state after the update (only those a statistic uses)."""
+        plan = self._optiscope
+        rows = []
+        for row, (gradient, old, previous) in enumerate(inputs):
+            new = _read(plan.selected_variables[row])
+            if gradient is None:  # no gradient this step: measured as a zero gradient
+                old = new
+            slots = {name: _read(slot) for name, slot in plan.selected_slots[row].items()}
+            rows.append(self._quantities(gradient, old, new, slots, previous))
+        values = self._finalize(ops.stack(rows), learning_rate)
+        requested = plan.layout.marks(_read(plan.marks)).requested
+        return self._fold(values, _read(plan.state), requested, step)
 
-    def _quantities(self, row, gradient, old_value, new_value, slots, previous_gradient):
+    def _quantities(self, gradient, old_value, new_value, slots, previous_gradient):
         """The quantities of one variable's step, as a float64 vector."""
         plan = self._optiscope
         dtype = _compute_dtype(new_value.dtype)
