@@ -15,8 +15,8 @@ show where those numbers come from:
   PowerSign `w <- w - lr * g * exp(log(alpha) * sign(g) * sign(m))`,
   AddSign `w <- w - lr * g * (1 + alpha * sign(g) * sign(m))`.
 * `RMSpropAsPublished` (the post's RMSprop, TensorFlow 1's `RMSPropOptimizer`): decay 0.9,
-  `ms` initialised to ones, `ms <- decay * ms + (1 - decay) * g^2`, `w <- w - lr * g / sqrt(ms +
-  1e-10)`.
+  `ms` initialised to ones, `ms <- ms + (g^2 - ms) * (1 - decay)` (as TensorFlow's kernel
+  writes it), `w <- w - lr * g / sqrt(ms + 1e-10)`.
 
 The Rosenbrock rules are functions of `(w, g, slot, lr)` shared by the optimizer classes and by
 `scan`, which runs many learning rates at once.
@@ -80,7 +80,7 @@ def add_sign(w, g, m, lr):
 
 def rmsprop(w, g, ms, lr):
     """TensorFlow 1's RMSProp step (no momentum): returns (new w, new ms)."""
-    ms = ops.add(ops.multiply(ms, RMS_DECAY), ops.multiply(ops.square(g), 1 - RMS_DECAY))
+    ms = ops.add(ms, ops.multiply(ops.subtract(ops.square(g), ms), 1 - RMS_DECAY))
     return ops.subtract(w, ops.divide(ops.multiply(lr, g), ops.sqrt(ops.add(ms, RMS_EPSILON)))), ms
 
 
@@ -99,13 +99,13 @@ class _AsPublished(Instrumented, keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._slots = [
+        self._rule_slots = [
             self.add_variable_from_reference(v, self.slot, initializer=self.slot_initializer)
             for v in var_list
         ]
 
     def update_step(self, gradient, variable, learning_rate):
-        slot = self._slots[self._get_variable_index(variable)]
+        slot = self._rule_slots[self._get_variable_index(variable)]
         lr = ops.cast(learning_rate, variable.dtype)
         w, value = type(self).rule(ops.convert_to_tensor(variable), gradient, slot, lr)
         self.assign(slot, value)

@@ -114,7 +114,7 @@ def _post_rule(name, x, g, slot, lr):
     """The post's formulas (and TensorFlow 1's RMSProp) in float32 NumPy."""
     f32 = np.float32
     if name == "RMSprop":
-        slot = f32(0.9) * slot + f32(0.1) * g * g
+        slot = slot + (g * g - slot) * f32(0.1)
         return x - lr * g / np.sqrt(slot + f32(1e-10)), slot
     slot = np.maximum(f32(0.5) * slot + f32(1e-7), np.abs(g))  # sign(slot) = +1
     if name == "PowerSign":
