@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from optiscope.callbacks import OptimizerStatsLogger
 from optiscope.optimizers import InstrumentedAdam
-from optiscope.tracking import MlflowSink, Sink, journal, mlflow_key
+from optiscope.tracking import MlflowSink, Sink, TensorBoardSink, journal, mlflow_key
 from optiscope.tracking.naming import KEY_PARAM_PREFIX
 
 FEATURES, BATCH = 4, 8
@@ -371,3 +371,24 @@ def test_long_variable_paths_keep_every_series_apart(tmp_path):
     assert len(run.data.metrics) == len(sent) and stored.keys() == sent.keys(), counts
     for tag, points in sent.items():
         np.testing.assert_allclose(sorted(stored[tag]), sorted(points), err_msg=tag)
+
+
+def test_tensorboard_run_continued_from_a_checkpoint_drops_the_later_points(tmp_path):
+    """A run directory logged to step 10, continued from step 5 (`purge_step=6`): TensorBoard's
+    own reader shows steps 1..5 of the first writer and 6..8 of the second, nothing twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = TensorBoardSink(logdir=tmp_path, run_name="r")
+    for step in range(1, 11):
+        first.log_metrics({"loss": float(step)}, step)
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they are created in
+    again = TensorBoardSink(logdir=tmp_path, run_name="r", purge_step=6)
+    for step in range(6, 9):
+        again.log_metrics({"loss": 100.0 + step}, step)
+    again.close()
+
+    reader = EventAccumulator(str(tmp_path / "r" / "optiscope"))
+    reader.Reload()
+    points = [(e.step, e.value) for e in reader.Scalars("loss")]
+    assert points == [(s, float(s)) for s in range(1, 6)] + [(s, 100.0 + s) for s in range(6, 9)]
