@@ -2,11 +2,13 @@
 #   make run   - install into .venv and run the main job on the embedded defaults
 #   make test  - install into .venv (with test tools) and run the test suite, on TensorFlow
 #                and (its backend-neutral part) on JAX
+#   make server - a team's MLflow tracking server (PostgreSQL store, served artifacts) on
+#                 127.0.0.1, data under ./optiscope-server; Ctrl-C stops it
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test lint benchmarks clean
+.PHONY: run test server lint benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +29,9 @@ JAX_TESTS = tests/test_update_rules.py tests/test_statistics.py tests/test_built
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(BIN)/python -m pytest $(JAX_TESTS)
+
+server: $(VENV)/.installed
+	$(BIN)/optiscope server
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

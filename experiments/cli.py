@@ -52,11 +52,32 @@ def main(argv=None):
     ui.add_argument("--tensorboard-port", type=_port, default=6006, help="(default 6006)")
     ui.add_argument("--mlflow-port", type=_port, default=5000, help="(default 5000)")
 
-    replay = commands.add_parser(
-        "replay", help="write a spool file of undelivered MLflow records into a tracking server"
+    server = commands.add_parser(
+        "server",
+        help="a team's MLflow tracking server on 127.0.0.1: PostgreSQL store, served artifacts",
     )
-    replay.add_argument("spool", help="the .jsonl file named in the warning")
-    replay.add_argument("--tracking-uri", default=None, help="target (default: MLflow's default)")
+    server.add_argument(
+        "--dir", default="optiscope-server", help="database, artifacts, logs (default %(default)s)"
+    )
+    server.add_argument("--port", type=_port, default=None, help="MLflow's port (default: free)")
+    server.add_argument("--db-port", type=_port, default=None, help="PostgreSQL's (default: free)")
+    server.add_argument("--workers", type=_positive_int, default=2, help="MLflow's (default 2)")
+
+    replay = commands.add_parser(
+        "replay", help="deliver a journal of undelivered MLflow records (complete its run)"
+    )
+    replay.add_argument("spool", nargs="?", help="the .jsonl journal named in the warning")
+    replay.add_argument(
+        "--pending",
+        action="store_true",
+        help="every journal in --spool-dir whose process died before delivering it",
+    )
+    replay.add_argument(
+        "--spool-dir", default="optiscope-spool", help="for --pending (default optiscope-spool)"
+    )
+    replay.add_argument(
+        "--tracking-uri", default=None, help="target (default: the server the run was logged to)"
+    )
     replay.add_argument("--experiment", default=None, help="experiment name (default: as logged)")
 
     args = parser.parse_args(argv)
@@ -77,6 +98,10 @@ def main(argv=None):
         return serve(args.logdir, args.tracking_uri, args.tensorboard_port, args.mlflow_port)
     elif args.command == "replay":
         return _replay(args)
+    elif args.command == "server":
+        from optiscope.experiments.server import serve
+
+        return serve(args.dir, args.port, args.db_port, args.workers)
     return 0
 
 
@@ -129,17 +154,24 @@ def _run(args):
 
 
 def _replay(args):
-    from optiscope.tracking import replay
+    from optiscope.tracking import pending, replay
 
-    if not os.path.isfile(args.spool):
-        print(f"optiscope replay: no such spool file: {args.spool}", file=sys.stderr)
+    if (args.spool is None) == (not args.pending):
+        print("optiscope replay: give a journal file or --pending (not both)", file=sys.stderr)
         return 2
-    try:
-        run_id = replay(args.spool, tracking_uri=args.tracking_uri, experiment_name=args.experiment)
-    except ValueError as err:
-        print(f"optiscope replay: {err}", file=sys.stderr)
-        return 2
-    print(f"replayed {args.spool} into run {run_id}")
+    paths = pending(args.spool_dir) if args.pending else [args.spool]
+    if args.pending and not paths:
+        print(f"nothing to replay in {args.spool_dir}")
+    for path in paths:
+        if not os.path.isfile(path):
+            print(f"optiscope replay: no such spool file: {path}", file=sys.stderr)
+            return 2
+        try:
+            run_id = replay(path, tracking_uri=args.tracking_uri, experiment_name=args.experiment)
+        except ValueError as err:
+            print(f"optiscope replay: {err}", file=sys.stderr)
+            return 2
+        print(f"replayed {path} into run {run_id}")
     return 0
 
 
