@@ -6,6 +6,9 @@ bias: every hidden unit dies, which the optimizer statistics show as the hidden 
 `zero_grad_fraction` reaching 1, and the bias settles on the mean target. Then the tutorial's
 rescues at lr 1e-3: clipping each gradient to norm 2, mini-batches of 32, momentum 0.98, Adam.
 
+The tutorial's initialisation is not known, so the collapse and each rescue also run with
+several seeds: the median and range of their best test MSE sit beside the tutorial's number.
+
 Full-batch training runs compiled: the training set is one `tf.data` element repeated, and
 `steps_per_execution` epochs run per call. The test MSE and the output bias are recorded
 inside the compiled train step after every update and read once at the end.
@@ -30,11 +33,12 @@ REFERENCE = [
     {"setting": "Adam", "tutorial": "best test MSE 28.04"},
 ]
 REFERENCE_COLUMNS = ["setting", "tutorial"]
+SEEDS_COLUMN = "seeds: best test MSE median (min..max)"
 
 COLUMNS = [
     "setting", "learning_rate", "batch_size", "clipnorm", "epochs", "best_test_mse",
     "best_epoch", "final_train_mse", "final_test_mse", "hidden_zero_grad_fraction",
-    "output_bias", "seconds",
+    "output_bias", "seeds_best_test_mse", "seconds",
 ]  # fmt: skip
 
 
@@ -74,6 +78,7 @@ class Config:
     minibatch_epochs: int = 2000
     chunk: int = 100
     minibatch_chunk: int = 10
+    seeds: int = 10  # the seed study of the collapse and the rescues
     seed: int = 42
 
     @classmethod
@@ -84,8 +89,13 @@ class Config:
             epochs=300,
             rescues=("clipnorm 2", "Adam, batch 32"),
             minibatch_epochs=30,
+            seeds=2,
             seed=seed,
         )
+
+    @property
+    def seed_list(self):
+        return tuple(self.seed + i for i in range(self.seeds))
 
     def settings(self):
         sweep = [Setting("full-batch GD", lr) for lr in self.learning_rates]
@@ -292,27 +302,72 @@ def run(config=Config(), tracker=None, options=None):
     started = time.perf_counter()
     parts = load(config)
     settings = config.settings()
+    studied = [s for s in settings if _studied(s, config)]
+    extra_seeds = config.seed_list[1:]
     records, curves = [], {}
-    with harness.progress(len(settings), NAME, options.progress) as advance:
+    total = len(settings) + len(studied) * len(extra_seeds)
+    with harness.progress(total, NAME, options.progress) as advance:
         for setting in settings:
             params = {**dataclasses.asdict(config), **dataclasses.asdict(setting)}
             sinks = tracker.setting(setting.label, params)
             record, curves[setting.label] = train(setting, config, parts, sinks)
+            record["seeds_best_test_mse"] = ""
             records.append(record)
             advance(f"{NAME}: {setting.label}")
+        for setting in studied:
+            record = next(r for r in records if r["setting"] == setting.label)
+            study = [record]
+            for seed in extra_seeds:
+                seeded = dataclasses.replace(config, seed=seed)
+                params = {**dataclasses.asdict(seeded), **dataclasses.asdict(setting)}
+                name = f"{setting.label} seed={seed}"
+                sinks = tracker.setting(name, params, tags={"optiscope.study": "seeds"})
+                study.append(train(setting, seeded, parts, sinks)[0])
+                advance(f"{NAME}: {name}")
+            record.update(_seed_summary(study, config))
     wall = time.perf_counter() - started
     return harness.Result(
         experiment=NAME,
         records=records,
         columns=COLUMNS,
         reference=_reference(records, parts),
-        reference_columns=REFERENCE_COLUMNS + ["optiscope"],
+        reference_columns=REFERENCE_COLUMNS + ["optiscope", SEEDS_COLUMN],
         notes=_notes(records, curves, parts, config, wall),
         figures={
             "test_mse": plot_test_mse(records, curves),
             "collapse": plot_collapse(records, curves, parts, config),
         },
     )
+
+
+def _studied(setting, config):
+    """The seed study covers the collapse (full batch at the rescue rate) and the rescues."""
+    collapse = setting.variant == "full-batch GD" and (
+        setting.learning_rate == config.rescue_learning_rate
+    )
+    return collapse or setting.variant in RESCUES
+
+
+def _collapsed(record):
+    """Every hidden unit dead at the end: the network predicts its output bias."""
+    return record["hidden_units_alive"] == 0
+
+
+def _seed_summary(study, config):
+    best = np.array([r["best_test_mse"] for r in study], "float64")
+    finite = best[np.isfinite(best)]
+    median = float(np.median(finite)) if len(finite) else math.nan
+    low = float(finite.min()) if len(finite) else math.nan
+    high = float(finite.max()) if len(finite) else math.nan
+    return {
+        "seed_list": list(config.seed_list),
+        "seeds_best_test_mse_values": best.tolist(),
+        "seeds_best_test_mse_median": median,
+        "seeds_best_test_mse_min": low,
+        "seeds_best_test_mse_max": high,
+        "seeds_collapsed": sum(_collapsed(r) for r in study),
+        "seeds_best_test_mse": f"{median:.2f} ({low:.2f}..{high:.2f})",
+    }
 
 
 def _by_variant(records):
@@ -326,6 +381,13 @@ def _collapse(records):
     )
 
 
+def _seed_cell(record):
+    if "seeds_best_test_mse_median" not in record:
+        return ""
+    n = len(record["seed_list"])
+    return f"{record['seeds_best_test_mse']}, {n} seeds; collapsed {record['seeds_collapsed']}/{n}"
+
+
 def _reference(records, parts):
     rows = []
     collapse = _collapse(records)
@@ -337,6 +399,7 @@ def _reference(records, parts):
                 **REFERENCE[0],
                 "optiscope": f"hidden zero_grad_fraction {zero_grad:.2f}, bias {bias:.2f} "
                 f"(mean target {mean_target:.2f})",
+                SEEDS_COLUMN: _seed_cell(collapse),
             }
         )
     rescued = _by_variant(records)
@@ -349,6 +412,7 @@ def _reference(records, parts):
                     **reference,
                     "optiscope": f"best test MSE {record['best_test_mse']:.2f} "
                     f"(epoch {record['best_epoch']} of {record['epochs']}; {variant})",
+                    SEEDS_COLUMN: _seed_cell(record),
                 }
             )
     return rows
@@ -408,10 +472,40 @@ def _notes(records, curves, parts, config, wall):
             for a, b in zip(order, order[1:], strict=False)
         ]
         notes.append("The tutorial's trend, each step against the previous: " + "; ".join(steps))
+    notes += _seed_notes(records)
     late = [r["setting"] for r in records if r["best_epoch"] == r["epochs"]]
     if late:
         notes.append(f"Still improving at the last epoch (budget-limited): {', '.join(late)}.")
     notes.append(f"Wall time {wall:.1f} s for {len(records)} settings.")
+    return notes
+
+
+def _seed_notes(records):
+    studied = [r for r in records if "seeds_best_test_mse_median" in r]
+    if not studied:
+        return []
+    seeds = studied[0]["seed_list"]
+    tutorial = {
+        variant: next(r["tutorial"] for r in REFERENCE if r["setting"] == row)
+        for variant, row in TUTORIAL_ROWS.items()
+    }
+    rows = [
+        f"{r['variant']}: {r['seeds_best_test_mse']} (tutorial: "
+        f"{tutorial[r['variant']].removeprefix('best test MSE ')})"
+        for r in studied
+        if r["variant"] in RESCUES
+    ]
+    notes = [
+        f"Seed study, seeds {seeds[0]}-{seeds[-1]} (the tutorial's initialisation is not known): "
+        "best test MSE median (min..max) per row: " + "; ".join(rows) + "."
+    ]
+    collapse = _collapse(studied)
+    if collapse:
+        notes.append(
+            f"Full batch at lr 1e-3 collapses (every hidden unit dead at the end) for "
+            f"{collapse['seeds_collapsed']} of {len(seeds)} seeds; best test MSE "
+            f"{collapse['seeds_best_test_mse']}."
+        )
     return notes
 
 

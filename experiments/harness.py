@@ -122,15 +122,15 @@ class Tracker:
         else:
             self.parent = None
 
-    def setting(self, name, params):
-        """Sinks for one optimizer setting; `params` are logged to its child run."""
+    def setting(self, name, params, tags=None):
+        """Sinks for one optimizer setting; `params` (and `tags`) go to its child run."""
         if self.parent is None:
             return NullSink()
+        child = self.parent.child(name)
+        if tags:
+            child.set_tags(tags)
         sinks = SinkList(
-            [
-                TensorBoardSink(logdir=self.options.logdir, run_name=f"{self.name}/{name}"),
-                self.parent.child(name),
-            ]
+            [TensorBoardSink(logdir=self.options.logdir, run_name=f"{self.name}/{name}"), child]
         )
         sinks.log_params(params)
         return sinks

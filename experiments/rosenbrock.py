@@ -9,6 +9,10 @@ so the rows are independent runs. One optimizer and one compiled (XLA) loop serv
 before each rate, the optimizer's variables go back to their values when freshly built. The loop
 runs in chunks of 100 steps between which the distances and the optimizer's statistics (over the
 whole variable, i.e. all starts together) are read and logged.
+
+Beside them run the post's own PowerSign, AddSign and RMSprop as its code computed them
+("as published", see `as_published`), each at the rate of a fine log grid whose point after
+501 steps from the post's start is nearest the post's; the table's other rows are predictions.
 """
 
 import dataclasses
@@ -34,6 +38,14 @@ REFERENCE = [
      "PowerSign": "(0.98, 0.97, 0.00)"},
 ]  # fmt: skip
 REFERENCE_COLUMNS = ["step", "RMSprop (x, y, f)", "AddSign", "PowerSign"]
+POST_POINTS = {
+    "RMSprop": {501: (0.66, 0.43), 1001: (0.83, 0.67), 2001: (0.93, 0.85), 3001: (0.96, 0.92)},
+    "AddSign": {501: (0.41, 0.17), 1001: (0.55, 0.30), 2001: (0.69, 0.48), 3001: (0.78, 0.60)},
+    "PowerSign": {501: (0.97, 0.95), 1001: (0.98, 0.96), 2001: (0.98, 0.96), 3001: (0.98, 0.97)},
+}
+"""The post's (x, y) by optimizer and step, as in its table."""
+AS_PUBLISHED = "as published"
+VALLEY = 0.1  # "reached the minimum": within this distance of (1, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +56,26 @@ class Config:
     starts: int = 32  # random starts, uniform in [-box, box]^2
     box: float = 3.0
     momentum: float = 0.9
+    as_published_grid: tuple = (1e-5, 1e-1, 40)  # lowest, highest, rates per decade
     seed: int = 42
 
     @classmethod
     def quick(cls, seed=42):
-        return cls(steps=1000, learning_rates=(1e-4, 1e-3, 1e-2), starts=4, seed=seed)
+        return cls(
+            steps=1000,
+            learning_rates=(1e-4, 1e-3, 1e-2),
+            starts=4,
+            as_published_grid=(1e-4, 1e-1, 10),
+            seed=seed,
+        )
+
+    def as_published_rates(self):
+        """The fine log grid the as-published rates are chosen from."""
+        low, high, per_decade = self.as_published_grid
+        exponents = np.arange(
+            round(np.log10(low) * per_decade), round(np.log10(high) * per_decade) + 1
+        )
+        return [float(f"{r:.4g}") for r in 10.0 ** (exponents / per_decade)]
 
 
 def rosenbrock(x, y, xp=np):
@@ -194,7 +221,7 @@ def run(config=Config(), tracker=None, options=None):
     points = starting_points(config)
     rows = optimizers(config)
     records, chosen = [], {}
-    total = len(rows) * len(config.learning_rates)
+    total = len(rows) * len(config.learning_rates) + len(POST_POINTS)
     with harness.progress(total, NAME, options.progress) as advance:
         for name, make in rows.items():
             runs = compile_runs(make, points)
@@ -213,11 +240,20 @@ def run(config=Config(), tracker=None, options=None):
             lr = choose(grid)
             chosen[name] = grid[lr]
             records.append(_record(name, lr, grid, config))
+        scans = {}
+        for name in POST_POINTS:
+            scans[name] = scan_as_published(name, config)
+            record, chosen[label(name, True)] = _as_published_run(
+                name, scans[name], points, tracker, config
+            )
+            records.append(record)
+            advance(f"{NAME}: {name}, {AS_PUBLISHED}")
     return harness.Result(
         experiment=NAME,
         records=records,
         columns=[
             "optimizer",
+            "variant",
             "learning_rate",
             *(f"step {s}" for s in _report_steps(config)),
             "final_distance",
@@ -225,14 +261,205 @@ def run(config=Config(), tracker=None, options=None):
             "best_distance",
             "diverged",
         ],
-        reference=REFERENCE,
-        reference_columns=REFERENCE_COLUMNS,
-        notes=_notes(records, config),
+        reference=_reference(records, config),
+        reference_columns=REFERENCE_COLUMNS + [_published_column(r) for r in _published(records)],
+        notes=_notes(records, config) + _as_published_notes(records, scans, config),
         figures={
             "trajectories": plot_trajectories(chosen, records, config),
             "distances": plot_distances(chosen, records, config),
+            "as_published": plot_as_published(records, config),
         },
     )
+
+
+def label(name, published=False):
+    """A row's name: the optimizer, with ", as published" for the post's own code."""
+    return f"{name}, {AS_PUBLISHED}" if published else name
+
+
+def _label(record):
+    return label(record["optimizer"], record.get("variant") == "as_published")
+
+
+def _published(records):
+    return [r for r in records if r.get("variant") == "as_published"]
+
+
+def _paper(records):
+    return [r for r in records if r.get("variant") != "as_published"]
+
+
+def scan_as_published(name, config):
+    """The post's `name` from the post's start at every rate of the fine grid: `{"rates",
+    "path"}` with the path (steps + 1, rates, 2) and, per rate, the distance to (1, 1) and to
+    the post's point after 501 steps, and whether it diverged."""
+    import keras
+
+    from optiscope.experiments import as_published
+
+    rates = config.as_published_rates()
+    path = as_published.scan(
+        as_published.ROSENBROCK[name], rates, config.start, config.steps,
+        lambda x, y: rosenbrock(x, y, xp=keras.ops),
+    )  # fmt: skip
+    at = min(501, config.steps)
+    target = POST_POINTS[name][501]
+    with np.errstate(all="ignore"):
+        error = np.hypot(path[at, :, 0] - target[0], path[at, :, 1] - target[1])
+        diverged = ~np.isfinite(path).all(axis=(0, 2))
+        distance_501 = distance(path[at])
+    return {
+        "rates": rates,
+        "path": path,
+        "error_501": np.where(diverged, np.nan, error),
+        "distance_501": np.where(diverged, np.nan, distance_501),
+        "diverged": diverged,
+    }
+
+
+def choose_as_published(scanned):
+    """The rule for the post's rows: the rate whose point after 501 steps from the post's
+    start is nearest the post's (diverged rates excluded; ties: the smaller rate)."""
+    error = np.nan_to_num(scanned["error_501"], nan=np.inf)
+    return int(np.argmin(error))
+
+
+def _as_published_run(name, scanned, points, tracker, config):
+    """The chosen rate of the post's `name`, re-run as a tracked setting from every start
+    with the optimizer class; returns its record and summary."""
+    from optiscope.experiments import as_published
+
+    index = choose_as_published(scanned)
+    lr = scanned["rates"][index]
+    runs = compile_runs(as_published.ROSENBROCK[name], points)
+    params = {"optimizer": name, "variant": "as_published", "learning_rate": lr,
+              **dataclasses.asdict(config)}  # fmt: skip
+    sinks = tracker.setting(
+        f"{label(name, True)} lr={lr:g}", params, tags={"optiscope.variant": "as_published"}
+    )
+    summary = summarize(runs(lr, config.steps, _logger(sinks)))
+    sinks.log_hparams(
+        {"optimizer": label(name, True), "learning_rate": lr},
+        {"median_distance": summary["median_distance"],
+         "final_distance": summary["distances"][-1, 0]},
+    )  # fmt: skip
+    sinks.close()
+    record = _record(name, lr, {lr: summary}, config)
+    record["variant"] = "as_published"
+    record["rule"] = "fine grid: step-501 point nearest the post's"
+    record["points"] = {str(s): record[f"step {s}"] for s in REPORT_STEPS if s <= config.steps}
+    record["grid"] = [
+        {"learning_rate": rate, "error_501": float(e), "distance_501": float(d),
+         "diverged": bool(x)}
+        for rate, e, d, x in zip(scanned["rates"], scanned["error_501"],
+                                 scanned["distance_501"], scanned["diverged"], strict=True)
+    ]  # fmt: skip
+    return record, summary
+
+
+def _published_column(record):
+    return f"{record['optimizer']}, as published (lr {record['learning_rate']:.4g})"
+
+
+def _reference(records, config):
+    """The post's table, beside it the as-published rows' (x, y, f) at the same steps."""
+    rows = []
+    for row in REFERENCE:
+        step = row["step"]
+        if step > config.steps:
+            continue
+        row = dict(row)
+        for record in _published(records):
+            if step == 0:
+                x, y = config.start
+                cell = f"({x}, {y}), distance {np.hypot(x - 1, y - 1):.2f}"
+            else:
+                x, y, f = record["points"][str(step)]
+                cell = f"({x:.2f}, {y:.2f}, {f:.2f})"
+            row[_published_column(record)] = cell
+        rows.append(row)
+    return rows
+
+
+def as_published_errors(records):
+    """{optimizer: largest |x - post's x|, |y - post's y| over the post's table} of the
+    as-published rows (steps the run reached)."""
+    errors = {}
+    for record in _published(records):
+        post = POST_POINTS[record["optimizer"]]
+        gaps = [
+            max(abs(record["points"][str(s)][0] - x), abs(record["points"][str(s)][1] - y))
+            for s, (x, y) in post.items()
+            if str(s) in record["points"]
+        ]
+        errors[record["optimizer"]] = max(gaps)
+    return errors
+
+
+def _as_published_notes(records, scans, config):
+    published = {r["optimizer"]: r for r in _published(records)}
+    if not published:
+        return []
+    low, high, per_decade = config.as_published_grid
+    errors = as_published_errors(records)
+    chosen = ", ".join(
+        f"{name} lr {r['learning_rate']:.4g} (largest gap to the post's x or y: {errors[name]:.3f})"
+        for name, r in published.items()
+    )
+    notes = [
+        f"As published: the post's own PowerSign and AddSign (alpha built from beta, so alpha "
+        f"= beta = 0.5; m = max(beta*m + 1e-7, |g|), so sign(m) = +1 always) and TensorFlow "
+        f"1's RMSProp (decay 0.9, epsilon 1e-10 inside the square root, mean square "
+        f"initialised to ones), float32, from the post's start. Rule: on the log grid "
+        f"{low:g} .. {high:g} with {per_decade} rates per decade, the rate whose point after "
+        f"501 steps is nearest the post's (x, y); the other steps are predictions. Chosen: "
+        f"{chosen}."
+    ]
+    power = published.get("PowerSign")
+    if power is None:
+        return notes
+    scanned = scans["PowerSign"]
+    index = choose_as_published(scanned)
+    lr = scanned["rates"][index]
+    path = scanned["path"][:, index]
+    gx, gy = _gradient(*config.start)
+    first = "; ".join(
+        f"after {s}: ({path[s, 0]:.2f}, {path[s, 1]:.2f}), distance {distance(path[s]):.2f}"
+        for s in range(1, min(6, config.steps + 1))
+    )
+    rates = np.asarray(scanned["rates"])
+    near = (rates >= lr / 2) & (rates <= lr * 2)
+    diverged = int(scanned["diverged"][near].sum())
+    missed = int((scanned["distance_501"][near] >= VALLEY).sum())
+    reached = int(near.sum()) - diverged - missed
+    paper = next((r for r in _paper(records) if r["optimizer"] == "PowerSign"), None)
+    at = min(501, config.steps)
+    contrast = (
+        f" The paper's PowerSign at its tuned lr {paper['learning_rate']:g} is "
+        f"{paper['distance_501']:.3g} from (1, 1) after {at} steps, the post's code at lr "
+        f"{lr:.4g} {power['distance_501']:.3g}."
+        if paper
+        else ""
+    )
+    notes.append(
+        "Where the post's 'extremely fast early convergence' of PowerSign comes from: with "
+        "alpha = 0.5 and sign(m) = +1 its update is lr * g * 0.5^sign(g), i.e. gradient "
+        "descent at 2 lr on every coordinate whose gradient is negative and lr/2 where it is "
+        "positive (AddSign: 1.5 lr and 0.5 lr, the other way round); no sign agreement is "
+        f"involved. From ({config.start[0]}, {config.start[1]}) the gradient is "
+        f"({gx:.0f}, {gy:.0f}), both negative, so the first step moves (x, y) by "
+        f"2 lr * |g| = ({2 * lr * abs(gx):.2f}, {2 * lr * abs(gy):.2f}), across the whole "
+        f"valley; the first steps at lr {lr:.4g}: {first}. Landing near (1, 1) is luck of "
+        f"the rate: of the {int(near.sum())} grid rates within a factor 2 of it "
+        f"({lr / 2:.3g} .. {lr * 2:.3g}), {reached} are within {VALLEY:g} of (1, 1) after "
+        f"{at} steps, {missed} are not and {diverged} diverge.{contrast}"
+    )
+    return notes
+
+
+def _gradient(x, y):
+    """The gradient of f at (x, y), in float64."""
+    return -2 * (1 - x) - 400 * x * (y - x * x), 200 * (y - x * x)
 
 
 def _report_steps(config):
@@ -242,7 +469,7 @@ def _report_steps(config):
 def _record(name, lr, grid, config):
     summary = grid[lr]
     path, final = summary["fixed_path"], summary["distances"][-1]
-    record = {"optimizer": name, "learning_rate": lr}
+    record = {"optimizer": name, "variant": "", "learning_rate": lr}
     with np.errstate(all="ignore"):
         for step in _report_steps(config):
             x, y = path[step]
@@ -266,6 +493,7 @@ def _record(name, lr, grid, config):
 
 
 def _notes(records, config):
+    records = _paper(records)
     rates = ", ".join(f"{lr:g}" for lr in config.learning_rates)
     notes = [
         f"Protocol: {config.steps} steps from ({config.start[0]}, {config.start[1]}) and from "
@@ -351,12 +579,12 @@ def plot_trajectories(chosen, records, config):
     )  # fmt: skip
     for ax, record in zip(axes.flat, records, strict=False):
         filled = _contour(ax, extent)
-        path = chosen[record["optimizer"]]["fixed_path"]
+        path = chosen[_label(record)]["fixed_path"]
         ax.plot(path[:, 0], path[:, 1], color="white", lw=1.2)
         ax.plot(*path[0], "o", color="white", ms=5)
         ax.plot(*MINIMUM, "*", color="red", ms=10)
         ax.set(xlim=extent[:2], ylim=extent[2:])
-        ax.set_title(f"{record['optimizer']}\nlr {record['learning_rate']:g}", fontsize=10)
+        ax.set_title(f"{_label(record)}\nlr {record['learning_rate']:.4g}", fontsize=10)
     for ax in axes.flat[len(records) :]:
         ax.axis("off")
     for ax in axes[-1]:
@@ -381,11 +609,12 @@ def plot_distances(chosen, records, config):
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(15, 4.8), sharey=True, layout="constrained")
     for record in records:
-        summary = chosen[record["optimizer"]]
-        label = f"{record['optimizer']} (lr {record['learning_rate']:g})"
+        summary = chosen[_label(record)]
+        name = f"{_label(record)} (lr {record['learning_rate']:.4g})"
         with np.errstate(all="ignore"):
             fixed = distance(summary["fixed_path"])
-        (line,) = left.plot(np.arange(len(fixed)), fixed, label=label, lw=1.2)
+        style = "--" if record.get("variant") == "as_published" else "-"
+        (line,) = left.plot(np.arange(len(fixed)), fixed, style, label=name, lw=1.2)
         random = summary["distances"][:, 1:]
         with np.errstate(all="ignore"):
             low, mid, high = np.nanpercentile(random, [25, 50, 75], axis=1)
@@ -396,4 +625,35 @@ def plot_distances(chosen, records, config):
     right.set(title=f"{config.starts} random starts: median and interquartile range, every {CHUNK}",
               xlabel="step", yscale="log")  # fmt: skip
     figure.legend(loc="outside right center", fontsize=8)
+    return figure
+
+
+def plot_as_published(records, config):
+    """The post's optimizers as its code ran: distance to (1, 1) after 501 steps from the
+    post's start against the learning rate (fine grid), the chosen rate marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    at = min(501, config.steps)
+    for record in _published(records):
+        grid = record["grid"]
+        rates = [g["learning_rate"] for g in grid]
+        (line,) = ax.plot(rates, [g["distance_501"] for g in grid], ".-", ms=3, lw=1,
+                          label=f"{record['optimizer']}, as published")  # fmt: skip
+        ax.plot(record["learning_rate"], record["distance_501"], "o", ms=8, mfc="none",
+                color=line.get_color())  # fmt: skip
+    for record in _paper(records):
+        if record["optimizer"] == "PowerSign":
+            grid = record["grid"]
+            ax.plot([g["learning_rate"] for g in grid], [g["distance_501"] for g in grid], "k:",
+                    marker="x", ms=5, lw=1, label="PowerSign (paper), its grid")  # fmt: skip
+    ax.axhline(VALLEY, color="gray", ls=":", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="learning rate",
+           ylabel=f"distance to (1, 1) after {at} steps",
+           title=f"From ({config.start[0]}, {config.start[1]}): the post's code by learning "
+                 "rate (circles: chosen; missing points: diverged)")  # fmt: skip
+    ax.legend(fontsize=8)
     return figure

@@ -77,6 +77,19 @@ def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
     written = json.loads(Path(files["json"]).read_text())
     assert len(written["records"]) == len(result.records)
     assert result.table() in Path(files["md"]).read_text()
+    config = module.Config.quick()
+    if name == "housing":
+        published = [r for r in written["records"] if r.get("variant") == "as_published"]
+        assert [r["optimizer"] for r in published] == [module.AS_PUBLISHED]
+        assert len(published[0]["train_loss"]) == config.epochs
+        assert published[0]["seed_list"] == list(config.as_published_seed_list)
+    else:
+        studied = [r for r in written["records"] if "seeds_best_test_mse_median" in r]
+        assert len(studied) == 1 + len(config.rescues)  # the collapse and each rescue
+        for record in studied:
+            values = record["seeds_best_test_mse_values"]
+            assert len(values) == config.seeds and values[0] == record["best_test_mse"]
+            assert record["seeds_best_test_mse_min"] <= record["seeds_best_test_mse_median"]
 
 
 def test_housing_quick_config_is_small():

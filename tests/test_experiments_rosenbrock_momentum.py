@@ -82,14 +82,22 @@ def quick():
 def test_quick_run_records(quick):
     config = rosenbrock.Config.quick()
     assert isinstance(quick, harness.Result)
-    assert [r["optimizer"] for r in quick.records] == list(rosenbrock.optimizers(config))
+    paper = [r for r in quick.records if r["variant"] != "as_published"]
+    published = [r for r in quick.records if r["variant"] == "as_published"]
+    assert [r["optimizer"] for r in paper] == list(rosenbrock.optimizers(config))
+    assert [r["optimizer"] for r in published] == ["RMSprop", "AddSign", "PowerSign"]
     steps = ["step 1", "step 501", f"step {config.steps}"]
     assert quick.columns == [
-        "optimizer", "learning_rate", *steps, "final_distance", "median_distance",
+        "optimizer", "variant", "learning_rate", *steps, "final_distance", "median_distance",
         "best_distance", "diverged",
     ]  # fmt: skip
+    for record in published:
+        assert record["learning_rate"] in config.as_published_rates()
+        assert record["points"] == {"1": record["step 1"], "501": record["step 501"]}
     for record in quick.records:
-        assert record["learning_rate"] in config.learning_rates
+        if record in paper:
+            assert record["learning_rate"] in config.learning_rates
+            assert [g["learning_rate"] for g in record["grid"]] == list(config.learning_rates)
         for step in steps:
             x, y, f = record[step]
             if np.isfinite(f):
@@ -97,14 +105,16 @@ def test_quick_run_records(quick):
         x, y, _ = record[f"step {config.steps}"]
         assert record["final_distance"] == pytest.approx(np.hypot(x - 1, y - 1))
         assert record["diverged"].endswith(f"/{config.starts}")
-        assert [g["learning_rate"] for g in record["grid"]] == list(config.learning_rates)
-    assert quick.reference == rosenbrock.REFERENCE
+    post = [{c: row[c] for c in rosenbrock.REFERENCE_COLUMNS} for row in quick.reference]
+    assert post == [r for r in rosenbrock.REFERENCE if r["step"] <= config.steps]
     assert any("PowerSign converges extremely fast early" in note for note in quick.notes)
 
 
 def test_learning_rate_rule(quick):
     """Fewest diverged random starts, then the lowest median final distance, then smaller lr."""
     for record in quick.records:
+        if record["variant"] == "as_published":
+            continue
         grid = record["grid"]
         fewest = min(g["diverged"] for g in grid)
         eligible = [g for g in grid if g["diverged"] == fewest]
@@ -128,9 +138,10 @@ def test_choose_prefers_no_divergence_then_median_then_smaller_rate():
 def test_quick_run_writes_files(quick, tmp_path):
     paths = harness.write(quick, str(tmp_path))
     directory = tmp_path / "rosenbrock"
-    for name in ("results.json", "results.csv", "results.md", "trajectories.png", "distances.png"):
+    for name in ("results.json", "results.csv", "results.md", "trajectories.png", "distances.png",
+                 "as_published.png"):  # fmt: skip
         assert (directory / name).stat().st_size > 0
-    assert set(paths) == {"json", "csv", "md", "trajectories", "distances"}
+    assert set(paths) == {"json", "csv", "md", "trajectories", "distances", "as_published"}
     written = json.loads((directory / "results.json").read_text())
     assert [r["optimizer"] for r in written["records"]] == [r["optimizer"] for r in quick.records]
     assert "| PowerSign |" in (directory / "results.md").read_text()
