@@ -1,11 +1,12 @@
 # Two entry points for a fresh machine with Python >= 3.11:
 #   make run   - install into .venv and run the main job on the embedded defaults
 #   make test  - install into .venv (with test tools) and run the test suite
+#   make ui    - TensorBoard and the MLflow UI on what `make run` wrote
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test lint benchmarks clean
+.PHONY: run test ui lint benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +18,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed
 	$(BIN)/optiscope run rosenbrock
+
+ui: $(VENV)/.installed
+	$(BIN)/optiscope ui
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

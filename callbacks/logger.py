@@ -2,21 +2,21 @@
 
 import math
 import numbers
+import sys
 import threading
 
 import keras
 import numpy as np
 
-from optiscope.callbacks import _runs
+from optiscope.callbacks import _runs, publishing
+from optiscope.callbacks.publishing import FIELDS, default_sinks
 from optiscope.optimizers import unwrap
-from optiscope.optimizers.measures import STATISTICS
-from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, TensorBoardSink, naming
+from optiscope.tracking import NullSink, Sink, SinkList, naming
 from optiscope.tracking.mlflow_sink import check_tracking_uri
 from optiscope.tracking.tensorboard import DEFAULT_LOGDIR, writable_directory
 
-FIELDS = ("last", "mean", "max")
 DEFAULT_INTERVAL = 100
-PREFIX = "optimizer"
+EPOCH_PREFIX = "epoch"
 # Aggregates put into Keras' `logs` every epoch (so History, CSVLogger, the progress bar and
 # Keras' TensorBoard callback record them): log key -> (statistic, how to combine groups).
 LOG_KEYS = {
@@ -35,13 +35,6 @@ def check_positive_int(name, value):
             f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
         )
     return int(value)
-
-
-def default_sinks(logdir, run_name, tracking_uri, experiment_name):
-    return [
-        TensorBoardSink(logdir=logdir, run_name=run_name),
-        MlflowSink(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name),
-    ]
 
 
 def is_chief(model):
@@ -63,22 +56,28 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     """Streams an instrumented optimizer's statistics to TensorBoard and MLflow.
 
     At every multiple of `interval` steps and at each epoch's end it reads all statistics in
-    one transfer and sends them to the sinks as `optimizer/<statistic>/<variable>` (the
-    window's mean; other fields as `optimizer/<statistic>_<field>/<variable>`; running totals
-    of counts as `..._total`), at the optimizer's update count as step. Each epoch it also
-    puts a few aggregates into `logs` (`opt_learning_rate`, `opt_global_grad_norm`,
-    `opt_global_update_norm`, `opt_effective_lr`, `opt_sign_flip_fraction`,
-    `opt_sign_agreement`; NaN where the optimizer has no such statistic), so Keras' History,
-    CSVLogger, progress bar and TensorBoard callback record them too: put this callback before
-    those in the list. Params (optimizer class and config, model and data description) are
-    logged when training begins; HParams and final metrics when it ends.
+    one transfer and sends them to the sinks through `publishing.Publisher`:
+    `optimizer/<statistic>/<variable>` (the window's mean; other fields as
+    `optimizer/<statistic>_<field>/<variable>`; running totals of counts as `..._total`), at
+    the optimizer's update count as step. Each epoch it also puts a few aggregates into `logs`
+    (`opt_learning_rate`, `opt_global_grad_norm`, `opt_global_update_norm`, `opt_effective_lr`,
+    `opt_sign_flip_fraction`, `opt_sign_agreement`; left out where the optimizer has no such
+    statistic), so Keras' History, CSVLogger, progress bar and TensorBoard callback record them
+    too: put this callback before those in the list. The epoch's `logs` reach the sinks as
+    `epoch/<key>` at the epoch number (an axis of their own). Params (optimizer class and
+    config, model and data description) are logged when training begins; HParams and final
+    metrics when it ends.
 
     It reads from Keras' callback thread (`async_safe`), so Keras keeps dispatching batches
     asynchronously. A run that ends by an exception or Ctrl-C is marked FAILED/KILLED.
 
     Args:
         sinks: a `Sink` or a list of them. Defaults to None: a `TensorBoardSink` under `logdir`
-            and an `MlflowSink` to `tracking_uri`, both named `run_name`.
+            and an `MlflowSink` to `tracking_uri`, both named `run_name`, which the logger
+            closes when training ends (and says once where it logs).
+        close_sinks: also end the runs of the given `sinks` when training ends (FINISHED,
+            or FAILED/KILLED after an exception or Ctrl-C). Defaults to False: whoever
+            creates a sink closes it.
         interval: read every this many steps. Defaults to 100.
         fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
@@ -99,6 +98,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         tracking_uri=None,
         experiment_name=None,
         params=None,
+        close_sinks=False,
     ):
         super().__init__()
         self.interval = check_positive_int("interval", interval)
@@ -120,6 +120,8 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             writable_directory("logdir", logdir)
             check_tracking_uri(tracking_uri)
         self._given_sinks = sinks
+        self.close_sinks = bool(close_sinks) or sinks is None
+        self._announced = False
         self.histograms = bool(histograms)
         self.logdir = logdir
         self.run_name = run_name
@@ -142,19 +144,23 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 "optimizers."
             )
         if is_chief(self.model):
-            run_name = self.run_name or naming.run_name(type(self.optimizer).__name__)
+            run_name = self.run_name or naming.run_name(publishing.optimizer_name(self.optimizer))
             sinks = self._given_sinks or default_sinks(
                 self.logdir, run_name, self.tracking_uri, self.experiment_name
             )
             self.sinks = SinkList(sinks)
+            if self._given_sinks is None and not self._announced:
+                print(f"OptimizerStatsLogger: logging to {self.sinks.location()}", file=sys.stderr)
+                self._announced = True
         else:
             self.sinks = NullSink()
         self._open = True
-        _runs.register(self)
+        if self.close_sinks:
+            _runs.register(self)
         self._batches = 0
         self._epoch_start = 0
         self._last_read = 0
-        self._layout_written = False
+        self._publisher = publishing.Publisher(self.sinks, self.fields)
         self._epoch_window = {}
         self.sinks.log_params(self._describe())
 
@@ -167,11 +173,15 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self.close_run("FINISHED")
 
     def close_run(self, status):
-        """Ends the run (FINISHED, FAILED or KILLED) and closes the sinks; idempotent."""
+        """Ends the run (FINISHED, FAILED or KILLED): closes the sinks this logger created
+        (all of them with `close_sinks=True`), flushes the others; idempotent."""
         if self._open:
             self._open = False
             _runs.unregister(self)
-            self.sinks.close(status)
+            if self.close_sinks:
+                self.sinks.close(status)
+            else:
+                self.sinks.flush()
 
     def __enter__(self):
         return self
@@ -194,7 +204,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self._read_and_log()
         if logs is not None:
             logs.update(self._epoch_aggregates())
-            keras_logs = {k: float(v) for k, v in logs.items() if _is_number(v)}
+            keras_logs = {f"{EPOCH_PREFIX}/{k}": float(v) for k, v in logs.items() if _is_number(v)}
             self.sinks.log_metrics(keras_logs, step=epoch + 1)
         if self.histograms:
             self.sinks.log_histograms(
@@ -216,22 +226,13 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     def _log(self, stats):
         if stats.steps == 0:
             return
-        metrics = {}
-        for (name, group), summary in stats.items():
-            for field in self.fields:
-                suffix = "" if field == "mean" else f"_{field}"
-                metrics[_tag(name + suffix, group)] = getattr(summary, field)
-            if name in STATISTICS and STATISTICS[name].cumulative:
-                metrics[_tag(name + "_total", group)] = summary.total
-            window = self._epoch_window.setdefault((name, group), [0.0, 0, -math.inf, math.nan])
+        for key, summary in stats.items():
+            window = self._epoch_window.setdefault(key, [0.0, 0, -math.inf, math.nan])
             window[0] += summary.mean * stats.steps
             window[1] += stats.steps
             window[2] = max(window[2], summary.max)
             window[3] = summary.last
-        if not self._layout_written:
-            self.sinks.log_layout(_charts(metrics))
-            self._layout_written = True
-        self.sinks.log_metrics(metrics, step=stats.step)
+        self._publisher.publish(stats)
 
     def _epoch_aggregates(self):
         aggregates = {}
@@ -241,22 +242,17 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 for (name, _), window in self._epoch_window.items()
                 if name == statistic and window[1]
             ]
-            aggregates[key] = float(np.mean(values)) if values else math.nan
+            if values:
+                aggregates[key] = float(np.mean(values))
         return aggregates
 
     # ------------------------------------------------------------------ descriptions
     def _hparams(self):
-        config = naming.flatten(self.optimizer.get_config())
-        hparams = {"optimizer": type(self.optimizer).__name__}
-        hparams.update({k: v for k, v in config.items() if _is_scalar(v)})
-        return hparams
+        return publishing.optimizer_hparams(self.optimizer)
 
     def _describe(self):
         model = self.model
-        params = {
-            f"optimizer.{k}": v for k, v in naming.flatten(self.optimizer.get_config()).items()
-        }
-        params["optimizer.class"] = type(self.optimizer).__name__
+        params = publishing.describe_optimizer(self.optimizer)
         params["model.name"] = model.name
         params["model.class"] = type(model).__name__
         params["model.trainable_parameters"] = int(
@@ -267,23 +263,5 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         return params
 
 
-def _tag(name, group):
-    return f"{PREFIX}/{name}" if group is None else f"{PREFIX}/{name}/{group}"
-
-
-def _charts(metrics):
-    """One chart per statistic, drawing that statistic for every group."""
-    charts = {}
-    for tag in metrics:
-        parts = tag.split("/")
-        statistic = "/".join(parts[1:3]) if parts[1] == "slot_norm" else parts[1]
-        charts.setdefault(statistic, []).append(tag)
-    return charts
-
-
 def _is_number(value):
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
-def _is_scalar(value):
-    return isinstance(value, (bool, int, float, str)) or value is None

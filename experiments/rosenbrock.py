@@ -20,6 +20,7 @@ DESCRIPTION = "Rosenbrock from the post's start and random starts, lr tuned per 
 CHUNK = 100
 MINIMUM = (1.0, 1.0)
 REPORT_STEPS = (1, 501, 1001, 2001, 3001)
+RULE = "fewest diverged random starts, then lowest median final distance, then smaller rate"
 
 REFERENCE = [
     {"step": 0, "RMSprop (x, y, f)": "(-2.39, -1.57), distance 4.26", "AddSign": "same",
@@ -152,6 +153,10 @@ def _median(values):
 
 
 def _logger(sinks):
+    from optiscope.callbacks.publishing import Publisher
+
+    publisher = Publisher(sinks, describe=True)
+
     def log(optimizer, step, points):
         with np.errstate(all="ignore"):
             d = distance(points)
@@ -165,13 +170,14 @@ def _logger(sinks):
             "diverged": float((~finite).sum()),
         }  # fmt: skip
         sinks.log_metrics(metrics, step)
-        stats = optimizer.statistics()
-        if stats.steps:
-            sinks.log_metrics(
-                {f"optimizer/{k}": v for k, v in stats.scalars("mean").items()}, stats.step
-            )
+        publisher.read(optimizer)
 
     return log
+
+
+def _final(summary):
+    return {"median_distance": summary["median_distance"],
+            "final_distance": summary["distances"][-1, 0]}  # fmt: skip
 
 
 def choose(grid):
@@ -194,25 +200,27 @@ def run(config=Config(), tracker=None, options=None):
     points = starting_points(config)
     rows = optimizers(config)
     records, chosen = [], {}
-    total = len(rows) * len(config.learning_rates)
+    total = len(rows) * (len(config.learning_rates) + options.track)
     with harness.progress(total, NAME, options.progress) as advance:
         for name, make in rows.items():
             runs = compile_runs(make, points)
             grid = {}
             for lr in config.learning_rates:
-                params = {"optimizer": name, "learning_rate": lr, **dataclasses.asdict(config)}
-                sinks = tracker.setting(f"{name} lr={lr:g}", params)
-                grid[lr] = summarize(runs(lr, config.steps, _logger(sinks)))
-                sinks.log_hparams(
-                    {"optimizer": name, "learning_rate": lr},
-                    {"median_distance": grid[lr]["median_distance"],
-                     "final_distance": grid[lr]["distances"][-1, 0]},
-                )  # fmt: skip
-                sinks.close()
+                label = f"{name}/{harness.lr_name(lr)}"
+                params = {"setting": name, "learning_rate": lr}
+                with tracker.setting(label, params, group="grid") as sinks:
+                    grid[lr] = summarize(runs(lr, config.steps, _logger(sinks)))
+                    sinks.log_hparams({"learning_rate": lr}, _final(grid[lr]))
                 advance(f"{NAME}: {name} lr={lr:g}")
             lr = choose(grid)
             chosen[name] = grid[lr]
             records.append(_record(name, lr, grid, config))
+            if options.track:  # the chosen rate again, as the run a person compares
+                params = {"setting": name, "learning_rate": lr, "rule": RULE}
+                with tracker.setting(name, params) as sinks:
+                    runs(lr, config.steps, _logger(sinks))
+                    sinks.log_hparams({"learning_rate": lr}, _final(grid[lr]))
+                advance(f"{NAME}: {name} at the chosen lr={lr:g}")
     return harness.Result(
         experiment=NAME,
         records=records,

@@ -24,6 +24,8 @@ from optiscope.tracking.base import Sink, check_status
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 DEFAULT_SPOOL_DIR = "optiscope-spool"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The tag by which the MLflow 3 UI opens an experiment on its training runs (not GenAI traces)."""
 _SCHEMES = {"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
 
 
@@ -131,8 +133,10 @@ class MlflowSink(Sink):
         self.last_error = None
         self.rejected = 0
         self._params = {}
+        self.start_time = int(time.time() * 1000)  # the run's start, whenever it is created
 
         self.run_id = run_id
+        self.experiment_id = None
         self._owns_run = run_id is None
         active = mlflow.active_run()
         if (
@@ -163,6 +167,7 @@ class MlflowSink(Sink):
                 "run_id": self.run_id,
                 "parent_run_name": getattr(parent, "run_name", None),
                 "tags": self.tags,
+                "start_time": self.start_time,
             }
         )
 
@@ -214,8 +219,9 @@ class MlflowSink(Sink):
     def log_event(self, message, step):
         self.set_tags({"optiscope.event": message[:5000], "optiscope.event_step": step})
 
-    def child(self, run_name, **kwargs):
-        """A sink for a run nested under this one (e.g. one optimizer setting of a comparison)."""
+    def child(self, name, tags=None, nested=True, **kwargs):
+        """A sink for a run nested under this one (e.g. one optimizer setting of a comparison);
+        `nested=False`: a top-level run of the same experiment."""
         options = dict(
             tracking_uri=self.tracking_uri,
             experiment_name=self.experiment_name,
@@ -226,7 +232,13 @@ class MlflowSink(Sink):
             flush_interval=self.flush_interval,
         )
         options.update(kwargs)
-        return MlflowSink(run_name=run_name, parent=self, **options)
+        parent = self if nested else None
+        return MlflowSink(run_name=name, parent=parent, tags=tags, **options)
+
+    def location(self):
+        uri = self.tracking_uri or _default_tracking_uri()
+        experiment = self.experiment_name or "Default"
+        return f"MLflow {uri}, experiment {experiment!r}, run {self.run_name!r}"
 
     def flush(self, timeout=None):
         """Tries to deliver everything queued; returns True if nothing is left."""
@@ -249,7 +261,7 @@ class MlflowSink(Sink):
         check_status(status)
         if self._closed:
             return
-        self._enqueue({"kind": "end", "status": status})
+        self._enqueue({"kind": "end", "status": status, "time": int(time.time() * 1000)})
         delivered = self.flush()
         self._closed = True
         self._wake.set()
@@ -292,7 +304,7 @@ class MlflowSink(Sink):
             self._journal_line(record)
             self._pending.append(record)
             self._waiting_metrics += len(record.get("metrics", ()))
-            urgent = self._waiting_metrics >= MAX_METRICS
+            urgent = self._waiting_metrics >= MAX_METRICS or self.run_id is None
         if self.asynchronous:
             if self._worker is None:
                 self._worker = threading.Thread(
@@ -352,7 +364,10 @@ class MlflowSink(Sink):
             elif self.parent is not None:
                 tags["mlflow.parentRunId"] = self.parent
             experiment_id = _experiment_id(self._client, self.experiment_name)
-            run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            self.experiment_id = experiment_id
+            run = self._client.create_run(
+                experiment_id, start_time=self.start_time, run_name=self.run_name, tags=tags
+            )
             self.run_id = run.info.run_id
             return self.run_id
 
@@ -384,11 +399,22 @@ def _next_batch(pending):
     return batch
 
 
+def _default_tracking_uri():
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
 def _experiment_id(client, name):
     if name is None:
         return "0"
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def deliver_records(client, run_id, records, owns_run=True):
@@ -425,7 +451,7 @@ def deliver_records(client, run_id, records, owns_run=True):
                     stacklevel=2,
                 )
         elif kind == "end" and owns_run:
-            client.set_terminated(run_id, record["status"])
+            client.set_terminated(run_id, record["status"], end_time=record.get("time"))
 
 
 def replay(path, tracking_uri=None, experiment_name=None):
@@ -448,7 +474,12 @@ def replay(path, tracking_uri=None, experiment_name=None):
         tags["optiscope.parent_run_name"] = header["parent_run_name"]
     tags["optiscope.replayed_from"] = os.path.abspath(path)
     experiment_id = _experiment_id(client, experiment_name or header.get("experiment_name"))
-    run = client.create_run(experiment_id, run_name=header.get("run_name"), tags=tags)
+    run = client.create_run(
+        experiment_id,
+        start_time=header.get("start_time"),
+        run_name=header.get("run_name"),
+        tags=tags,
+    )
     batch, count = [], 0
     for record in records:
         if record["kind"] == "metrics":
