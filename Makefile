@@ -2,11 +2,13 @@
 #   make run   - install into .venv and run the main job on the embedded defaults
 #   make test  - install into .venv (with test tools) and run the test suite
 #   make ui    - TensorBoard and the MLflow UI on what `make run` wrote
+#   make server - a team's MLflow tracking server (PostgreSQL store, served artifacts) on
+#                 127.0.0.1, data under ./optiscope-server; Ctrl-C stops it
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test ui lint benchmarks clean
+.PHONY: run test ui server lint benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,9 @@ ui: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+
+server: $(VENV)/.installed
+	$(BIN)/optiscope server
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

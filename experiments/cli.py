@@ -61,6 +61,17 @@ def main(argv=None):
     ui.add_argument("--tensorboard-port", type=_port, default=6006, help="(default 6006)")
     ui.add_argument("--mlflow-port", type=_port, default=5000, help="(default 5000)")
 
+    server = commands.add_parser(
+        "server",
+        help="a team's MLflow tracking server on 127.0.0.1: PostgreSQL store, served artifacts",
+    )
+    server.add_argument(
+        "--dir", default="optiscope-server", help="database, artifacts, logs (default %(default)s)"
+    )
+    server.add_argument("--port", type=_port, default=None, help="MLflow's port (default: free)")
+    server.add_argument("--db-port", type=_port, default=None, help="PostgreSQL's (default: free)")
+    server.add_argument("--workers", type=_positive_int, default=2, help="MLflow's (default 2)")
+
     replay = commands.add_parser(
         "replay", help="write a spool file of undelivered MLflow records into a tracking server"
     )
@@ -87,6 +98,10 @@ def main(argv=None):
         return serve(args.logdir, args.tracking_uri, args.tensorboard_port, args.mlflow_port)
     elif args.command == "replay":
         return _replay(args)
+    elif args.command == "server":
+        from optiscope.experiments.server import serve
+
+        return serve(args.dir, args.port, args.db_port, args.workers)
     return 0
 
 

@@ -24,3 +24,16 @@ def mixed_float16():
         yield
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def team_server():
+    """One PostgreSQL-backed MLflow tracking server (as `optiscope server` starts it) for the
+    session; skips with the reason when PostgreSQL or its driver is absent."""
+    import servers
+
+    reason = servers.postgres_missing()
+    if reason:
+        pytest.skip(reason)
+    with servers.team_server() as team:
+        yield team

@@ -204,3 +204,41 @@ def tensorboard_server(logdir, load_fast=None):
         yield server.url
     finally:
         server.stop()
+
+
+def postgres_missing():
+    """Why the PostgreSQL-backed server cannot start here (a skip reason), or None."""
+    from optiscope.experiments.server import postgres_bin
+
+    if postgres_bin() is None:
+        return "PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)"
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return "no PostgreSQL driver: pip install -e '.[postgres]'"
+    return None
+
+
+@contextlib.contextmanager
+def shared_tempdir():
+    """A fresh temporary directory that PostgreSQL's unprivileged user can enter (pytest's
+    and mkdtemp's are private to their owner); removed afterwards."""
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="optiscope-team-")
+    os.chmod(directory, 0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def team_server(workers=2):
+    """`optiscope server`'s set-up (PostgreSQL store, served artifacts) in a fresh
+    `shared_tempdir`; yields the started `TeamServer`."""
+    from optiscope.experiments.server import TeamServer
+
+    with shared_tempdir() as directory, TeamServer(directory + "/server", workers=workers) as team:
+        yield team
