@@ -224,6 +224,8 @@ class Tracker:
         self.close(status)
 
     def close(self, status):
+        if not self.options.track:
+            return
         self.parent.close(status)
         self.urls = {"MLflow": self._mlflow_url(), "TensorBoard": self.tensorboard_dir}
 
