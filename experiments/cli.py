@@ -110,8 +110,8 @@ def quiet_start_up():
     and oneDNN notices go to file descriptor 2, below Python); quiets MLflow's database
     set-up messages."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    for name in ("alembic", "mlflow"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     if _has_gpu():
         return
     sys.stderr.flush()
@@ -169,19 +169,24 @@ def _run(args):
     for note in result.notes:
         print(textwrap.fill(note, WIDTH, initial_indent="- ", subsequent_indent="  "))
     results = os.path.join(os.path.dirname(result.files["json"]), "results.md")
-    more = f" (and the columns {', '.join(left_out)})" if left_out else ""
-    print(f"\nResults in {results}{more}, JSON, CSV and plots beside it.")
+    more = f" (with the columns {', '.join(left_out)})" if left_out else ""
+    print(
+        "\n" + textwrap.fill(f"Results in {results}{more}; JSON, CSV and plots beside it.", WIDTH)
+    )
     if options.track:
         tracker = result.tracker
+        groups = sorted(os.listdir(tracker.tensorboard_dir))
         ui = _command("optiscope") + " ui"
-        if args.logdir != "runs" or args.tracking_uri:
-            ui += f" --logdir {args.logdir}" + (
-                f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else ""
-            )
+        if args.logdir != "runs":
+            ui += f" --logdir {args.logdir}"
+        if args.tracking_uri:
+            ui += f" --tracking-uri {args.tracking_uri}"
+        elif args.logdir == "runs" and os.path.exists("Makefile"):
+            ui += "   (or: make ui)"
         print(
-            f"TensorBoard runs: {tracker.tensorboard_dir}/ (best/, grid/, summary)\n"
+            f"TensorBoard runs: {tracker.tensorboard_dir}/ ({', '.join(groups)})\n"
             f"MLflow runs: experiment {tracker.mlflow.experiment_name!r}\n"
-            f"Look at them with:  {ui}    (or: make ui)\n"
+            f"Look at them with:  {ui}\n"
             f"  TensorBoard: {harness.UI_TENSORBOARD}/\n"
             f"  MLflow:      {tracker.urls.get('MLflow') or harness.UI_MLFLOW}"
         )

@@ -134,9 +134,8 @@ def test_mlflow_statistics_an_optimizer_lacks_are_left_out(tracked):
     best = {
         tags(r)["optiscope.setting"]: r for r in search(tracked, "tags.`optiscope.role` = 'best'")
     }
-    for run in best.values():
-        for key, value in metrics(run).items():
-            assert value == value, key  # no NaN
+    # SignAveraging measures sign_flip_fraction; SGD measures no sign statistic at all
+    assert "optimizer/sign_flip_fraction/xy" in metrics(best["SignAveraging"])
     assert not any(k.startswith("optimizer/sign_") for k in metrics(best["SGD"]))
 
 
@@ -158,7 +157,8 @@ def test_mlflow_parent_has_protocol_summary_and_results_once(tracked):
     summary = metrics(parent)
     for setting, record in tracked["records"].items():
         key = f"summary/{harness.setting_name(setting)}/median_distance"
-        assert summary[key] == pytest.approx(record["median_distance"], rel=1e-6), key
+        expected = float(record["median_distance"])  # "nan" where every start diverged
+        assert float(summary[key]) == pytest.approx(expected, rel=1e-6, nan_ok=True), key
     files = artifacts(tracked, parent, "results")
     assert {"results/results.md", "results/results.json", "results/trajectories.png"} <= files
     assert not artifacts(tracked, parent, "figures")  # plots kept once, with the results
