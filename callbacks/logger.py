@@ -1,7 +1,6 @@
 """`OptimizerStatsLogger`: reads an instrumented optimizer's statistics and hands them to sinks."""
 
 import math
-import numbers
 import sys
 import threading
 
@@ -11,9 +10,16 @@ import numpy as np
 from optiscope.callbacks import _runs, publishing
 from optiscope.callbacks.publishing import FIELDS, default_sinks
 from optiscope.optimizers import unwrap
-from optiscope.tracking import NullSink, Sink, SinkList, naming
+from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, journal, naming
+from optiscope.tracking._checks import (
+    check_bool,
+    check_mapping,
+    check_name,
+    check_positive_int,
+    writable_directory,
+)
 from optiscope.tracking.mlflow_sink import check_tracking_uri
-from optiscope.tracking.tensorboard import DEFAULT_LOGDIR, writable_directory
+from optiscope.tracking.tensorboard import DEFAULT_LOGDIR
 
 DEFAULT_INTERVAL = 100
 EPOCH_PREFIX = "epoch"
@@ -27,14 +33,6 @@ LOG_KEYS = {
     "opt_sign_flip_fraction": ("sign_flip_fraction", "mean"),
     "opt_sign_agreement": ("sign_agreement", "mean"),
 }
-
-
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def is_chief(model):
@@ -71,6 +69,12 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     It reads from Keras' callback thread (`async_safe`), so Keras keeps dispatching batches
     asynchronously. A run that ends by an exception or Ctrl-C is marked FAILED/KILLED.
 
+    Reads and points are keyed by the optimizer's step (`iterations`, read once when training
+    begins), so a training resumed from a checkpoint reads and logs at the steps an
+    uninterrupted one does; give it the same `run_name` (and the MLflow `run_id`) to continue
+    the same run in both UIs. When training begins, journals of MLflow runs left undelivered
+    by a process that died are named in a warning (see `optiscope replay --pending`).
+
     Args:
         sinks: a `Sink` or a list of them. Defaults to None: a `TensorBoardSink` under `logdir`
             and an `MlflowSink` to `tracking_uri`, both named `run_name`, which the logger
@@ -82,6 +86,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
         logdir, run_name, tracking_uri, experiment_name: for the default sinks.
+        run_id: the default `MlflowSink` continues this MLflow run. Defaults to None.
         params: extra parameters to log (e.g. a description of the data).
     """
 
@@ -99,6 +104,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         experiment_name=None,
         params=None,
         close_sinks=False,
+        run_id=None,
     ):
         super().__init__()
         self.interval = check_positive_int("interval", interval)
@@ -120,14 +126,15 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             writable_directory("logdir", logdir)
             check_tracking_uri(tracking_uri)
         self._given_sinks = sinks
-        self.close_sinks = bool(close_sinks) or sinks is None
+        self.close_sinks = check_bool("close_sinks", close_sinks) or sinks is None
         self._announced = False
-        self.histograms = bool(histograms)
+        self.histograms = check_bool("histograms", histograms)
         self.logdir = logdir
-        self.run_name = run_name
+        self.run_name = check_name("run_name", run_name)
         self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.extra_params = dict(params or {})  # Keras' set_params owns `self.params`
+        self.experiment_name = check_name("experiment_name", experiment_name)
+        self.run_id = check_name("run_id", run_id)
+        self.extra_params = check_mapping("params", params)  # Keras' set_params owns `params`
         self.sinks = NullSink()
         self._open = False
         self._lock = threading.Lock()  # batch-end hooks may run on several Keras threads
@@ -143,11 +150,19 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 f"{name} (or instrument(keras.optimizers.{name})), or one of optiscope's "
                 "optimizers."
             )
+        start = int(keras.ops.convert_to_numpy(self.optimizer.iterations))
         if is_chief(self.model):
             run_name = self.run_name or naming.run_name(publishing.optimizer_name(self.optimizer))
             sinks = self._given_sinks or default_sinks(
-                self.logdir, run_name, self.tracking_uri, self.experiment_name
+                self.logdir,
+                run_name,
+                self.tracking_uri,
+                self.experiment_name,
+                run_id=self.run_id,
+                step=start,
             )
+            for spool_dir in {s.spool_dir for s in sinks if isinstance(s, MlflowSink)}:
+                journal.warn_pending(spool_dir)
             self.sinks = SinkList(sinks)
             if self._given_sinks is None and not self._announced:
                 print(f"OptimizerStatsLogger: logging to {self.sinks.location()}", file=sys.stderr)
@@ -157,9 +172,11 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self._open = True
         if self.close_sinks:
             _runs.register(self)
-        self._batches = 0
-        self._epoch_start = 0
-        self._last_read = 0
+        # Steps count from the optimizer's step, read once: reading it every batch would wait
+        # for the device.
+        self._batches = start
+        self._epoch_start = start
+        self._last_read = start
         self._publisher = publishing.Publisher(self.sinks, self.fields)
         self._epoch_window = {}
         self.sinks.log_params(self._describe())

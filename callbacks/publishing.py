@@ -104,11 +104,18 @@ def optimizer_hparams(optimizer):
     return hparams
 
 
-def default_sinks(logdir, run_name, tracking_uri=None, experiment_name=None):
-    """The sinks a run gets unless told otherwise: TensorBoard under `logdir` and MLflow."""
+def default_sinks(logdir, run_name, tracking_uri=None, experiment_name=None, run_id=None, step=0):
+    """The sinks a run gets unless told otherwise: a `TensorBoardSink` under `logdir` and an
+    `MlflowSink` (continuing `run_id` if given); from optimizer step `step` > 0 (a resumed
+    training) TensorBoard drops what the run directory holds after that step."""
     return [
-        TensorBoardSink(logdir=logdir, run_name=run_name),
-        MlflowSink(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name),
+        TensorBoardSink(logdir=logdir, run_name=run_name, purge_step=step + 1 if step else None),
+        MlflowSink(
+            tracking_uri=tracking_uri,
+            experiment_name=experiment_name,
+            run_name=run_name,
+            run_id=run_id,
+        ),
     ]
 
 
