@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with Python >= 3.11:
 #   make run   - install into .venv and run the main job on the embedded defaults
-#   make test  - install into .venv (with test tools) and run the test suite
+#   make test  - install into .venv (with test tools) and run the test suite, on TensorFlow
+#                and (its backend-neutral part) on JAX
 #   make ui    - TensorBoard and the MLflow UI on what `make run` wrote
 #   make server - a team's MLflow tracking server (PostgreSQL store, served artifacts) on
 #                 127.0.0.1, data under ./optiscope-server; Ctrl-C stops it
@@ -24,8 +25,14 @@ run: $(VENV)/.installed
 ui: $(VENV)/.installed
 	$(BIN)/optiscope ui
 
+# The backend-neutral tests again on JAX; its float64 statistics state needs JAX_ENABLE_X64.
+JAX_TESTS = tests/test_update_rules.py tests/test_statistics.py tests/test_builtins.py \
+	tests/test_measures.py tests/test_callbacks.py tests/test_guard.py tests/test_resume.py \
+	tests/test_keras_features.py
+
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
+	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(BIN)/python -m pytest $(JAX_TESTS)
 
 server: $(VENV)/.installed
 	$(BIN)/optiscope server

@@ -23,11 +23,18 @@ def interleaved(variants, rounds, repeats=1):
 
 def machine():
     import keras
-    import tensorflow as tf
 
+    if keras.backend.backend() == "jax":
+        import jax
+
+        backend = f"JAX {jax.__version__}"
+    else:
+        import tensorflow as tf
+
+        backend = f"TensorFlow {tf.__version__}"
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}"
+        f"{backend}, Keras {keras.__version__}"
     )
 
 

@@ -5,6 +5,7 @@ import warnings
 
 import keras
 
+from optiscope.callbacks import _live
 from optiscope.optimizers import unwrap
 from optiscope.tracking import NullSink, Sink, SinkList
 from optiscope.tracking._checks import check_choice, check_name, check_positive_int
@@ -22,7 +23,9 @@ class DivergenceGuard(keras.callbacks.Callback):
     statistic and variable that showed it, and where the first non-finite value appeared.
 
     It checks after every `check_every` steps; each check reads the statistics (one transfer,
-    without starting a new window), so Keras dispatches these batches synchronously.
+    without starting a new window), so Keras dispatches these batches synchronously. On JAX
+    each check also syncs the trainer's live state into the model (`model.jax_state_sync()`):
+    a larger `check_every` makes checks cheaper there.
 
     Args:
         action: "stop" or "warn". Defaults to "stop".
@@ -50,6 +53,7 @@ class DivergenceGuard(keras.callbacks.Callback):
         self.report = None
 
     def on_train_begin(self, logs=None):
+        _live.check_no_strategy()
         self.optimizer = unwrap(self.model.optimizer)
         self.report = None
         start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
@@ -88,6 +92,7 @@ class DivergenceGuard(keras.callbacks.Callback):
     def _statistics(self):
         if self.optimizer is None or not self.optimizer.built:
             return None
+        _live.sync(self.model)
         return self.optimizer.statistics(reset=False)
 
     def _bad(self, value):

@@ -1,5 +1,6 @@
 """`OptimizerStatsLogger`: reads an instrumented optimizer's statistics and hands them to sinks."""
 
+import contextlib
 import math
 import sys
 import threading
@@ -7,7 +8,7 @@ import threading
 import keras
 import numpy as np
 
-from optiscope.callbacks import _runs, publishing
+from optiscope.callbacks import _live, _runs, publishing
 from optiscope.callbacks.publishing import FIELDS, default_sinks
 from optiscope.optimizers import unwrap
 from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, journal, naming
@@ -36,7 +37,10 @@ LOG_KEYS = {
 
 
 def is_chief(model):
-    """False on workers other than the chief of a multi-worker strategy."""
+    """False on workers other than the chief of a multi-worker strategy, and in the processes
+    other than the first of a multi-process JAX run."""
+    if not _live.is_chief_process():
+        return False
     strategy = getattr(model, "distribute_strategy", None)
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None:
@@ -67,7 +71,10 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     metrics when it ends.
 
     It reads from Keras' callback thread (`async_safe`), so Keras keeps dispatching batches
-    asynchronously. A run that ends by an exception or Ctrl-C is marked FAILED/KILLED.
+    asynchronously. On JAX, whose trainer keeps the live state outside the model during an
+    epoch, it reads on the training thread at the start of the batch after a due step, syncing
+    the state back into the model only then (`model.jax_state_sync()`). A run that ends by an
+    exception or Ctrl-C logs the steps since the last read and is marked FAILED/KILLED.
 
     Reads and points are keyed by the optimizer's step (`iterations`, read once when training
     begins), so a training resumed from a checkpoint reads and logs at the steps an
@@ -141,6 +148,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ run lifecycle
     def on_train_begin(self, logs=None):
+        _live.check_no_strategy()
         self.optimizer = unwrap(self.model.optimizer)
         if self.optimizer is None:
             name = type(self.model.optimizer).__name__
@@ -193,6 +201,8 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         """Ends the run (FINISHED, FAILED or KILLED): closes the sinks this logger created
         (all of them with `close_sinks=True`), flushes the others; idempotent."""
         if self._open:
+            with contextlib.suppress(Exception):  # a run that failed still closes
+                self._read_and_log()  # the steps since the last read (an interrupted run)
             self._open = False
             _runs.unregister(self)
             if self.close_sinks:
@@ -211,10 +221,18 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch_window = {}
 
+    def on_train_batch_begin(self, batch, logs=None):
+        steps = self._epoch_start + batch  # the steps run so far
+        if _live.trainer_holds_state() and self._due(steps):
+            self._read_and_log(steps)
+
     def on_train_batch_end(self, batch, logs=None):
         self._batches = self._epoch_start + batch + 1
-        if self._batches // self.interval > self._last_read // self.interval:
-            self._read_and_log()
+        if not _live.trainer_holds_state() and self._due(self._batches):
+            self._read_and_log(self._batches)
+
+    def _due(self, steps):
+        return steps // self.interval > self._last_read // self.interval
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_start = self._batches
@@ -232,11 +250,12 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 step=self.optimizer.iterations.numpy(),
             )
 
-    def _read_and_log(self):
+    def _read_and_log(self, steps=None):
         with self._lock:
             if not self._open or not self.optimizer.built:
                 return
-            self._last_read = self._batches
+            self._last_read = self._batches if steps is None else steps
+            _live.sync(self.model)  # on JAX, called on the training thread only
             stats = self.optimizer.statistics()
             self._log(stats)
 

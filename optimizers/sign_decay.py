@@ -18,6 +18,15 @@ def _as_float(step):
     return step
 
 
+def _cos(x):
+    """`cos` in the precision of `x`: on JAX, Keras' `ops.cos` computes float64 in float32."""
+    if keras.backend.backend() == "jax" and str(x.dtype) == "float64":
+        import jax.numpy as jnp
+
+        return jnp.cos(x)
+    return ops.cos(x)
+
+
 class SignDecay(keras.optimizers.schedules.LearningRateSchedule):
     """Base class: a decay over `decay_steps` steps, zero from `decay_steps` on."""
 
@@ -82,7 +91,7 @@ class CosineSignDecay(_PeriodicSignDecay):
     default_periods = 0.5
 
     def _decay(self, t, horizon):
-        return 0.5 * (1.0 + ops.cos(2.0 * math.pi * self.num_periods * t / horizon))
+        return 0.5 * (1.0 + _cos(2.0 * math.pi * self.num_periods * t / horizon))
 
 
 @keras.saving.register_keras_serializable(package="optiscope")
@@ -100,4 +109,4 @@ class RestartSignDecay(_PeriodicSignDecay):
 
     def _decay(self, t, horizon):
         fraction = ops.mod(self.num_periods * t, horizon) / horizon
-        return 0.5 * (1.0 + ops.cos(math.pi * fraction))
+        return 0.5 * (1.0 + _cos(math.pi * fraction))

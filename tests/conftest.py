@@ -1,4 +1,4 @@
-"""Shared pytest set-up: quiet TensorFlow, reproducible Keras randomness."""
+"""Shared pytest set-up: quiet TensorFlow, reproducible Keras randomness, backend markers."""
 
 import os
 
@@ -6,6 +6,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow is first
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
+from backends import BACKEND  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips `tensorflow_only` tests on other backends."""
+    if BACKEND == "tensorflow":
+        return
+    skip = pytest.mark.skip(reason=f"needs the TensorFlow backend; KERAS_BACKEND is {BACKEND}")
+    for item in items:
+        if item.get_closest_marker("tensorflow_only"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def kill_group(process, sig=signal.SIGTERM, timeout=5.0):
 
 
 def _start(command, log_path, ready_url, what):
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in the finally of the caller's context
+    log = open(log_path, "ab")  # noqa: SIM115 - closed in the finally of the caller's context
     process = subprocess.Popen(
         command,
         stdout=log,
@@ -148,11 +148,13 @@ class Server:
 
 
 @contextlib.contextmanager
-def mlflow_server_process(tmp_path, workers=1):
-    """Like `mlflow_server`, but yields the `Server` (to kill it early: `server.stop()`)."""
+def mlflow_server_process(tmp_path, workers=1, port=None):
+    """Like `mlflow_server`, but yields the `Server` (to kill it early: `server.stop()`).
+    `port`: listen there (e.g. to restart a stopped server on its store). Defaults to a free
+    port."""
     tmp_path = os.fspath(tmp_path)
     os.makedirs(tmp_path, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     url = f"http://{HOST}:{port}"
     command = [
         executable("mlflow"),

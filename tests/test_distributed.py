@@ -17,6 +17,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.tensorflow_only
+
 FEATURES = 3
 SAMPLES = 32
 GLOBAL_BATCH = 8

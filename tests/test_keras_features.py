@@ -13,7 +13,6 @@ import keras
 import numpy as np
 import pytest
 import reference as R
-import tensorflow as tf
 
 from optiscope.optimizers import (
     AddSign,
@@ -222,32 +221,45 @@ def test_fit_with_learning_rate_schedule(name):
 # ------------------------------------------------------------------ mixed precision
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_mixed_precision(name, mixed_float16, keras_seed):
+def fit_mixed_precision(optimizer):
+    keras.utils.set_random_seed(42)
     model = keras.Sequential(
         [keras.Input((3,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)]
     )
     initial = [w.numpy() for w in model.trainable_weights]
-    optimizer = make_optimizer(name)
     model.compile(optimizer=optimizer, loss="mse")
     history = model.fit(X, Y / 10, batch_size=BATCH_SIZE, epochs=2, shuffle=False, verbose=0)
+    return model, initial, history
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_mixed_precision(name, mixed_float16):
+    optimizer = make_optimizer(name)
+    model, initial, history = fit_mixed_precision(optimizer)
+    sgd = keras.optimizers.SGD(LR)
+    fit_mixed_precision(sgd)
 
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert unwrap(model.optimizer) is optimizer
-    assert int(optimizer.iterations) == 4  # no step skipped for non-finite gradients
+    # The loss scale skips the steps whose scaled gradients overflow, as for Keras' own SGD on
+    # the same model and data (the first, at the initial scale, on some backends).
+    assert int(optimizer.iterations) == int(sgd.iterations) >= 3
     assert np.isfinite(history.history["loss"]).all()
     for variable, before in zip(model.trainable_weights, initial, strict=True):
         assert variable.dtype == "float32"
         assert np.isfinite(variable.numpy()).all()
         assert not np.array_equal(variable.numpy(), before)
     for variable in optimizer.variables:
-        assert variable.dtype in ("float32", "float64", "int64")
+        assert variable.dtype in ("float32", "float64", "int32", "int64")
         assert np.isfinite(variable.numpy()).all()
 
 
 # ------------------------------------------------------------------ sparse gradients
+@pytest.mark.tensorflow_only
 def test_embedding_gradients_are_sparse():
     """The premise of the sparse tests: `Embedding` gives a `tf.IndexedSlices` gradient."""
+    import tensorflow as tf
+
     layer = keras.layers.Embedding(10, 3)
     layer.build((None, 2))
     with tf.GradientTape() as tape:
@@ -256,10 +268,13 @@ def test_embedding_gradients_are_sparse():
     assert isinstance(gradient, tf.IndexedSlices)
 
 
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_sparse_gradient_is_the_densified_gradient(name):
     """Documented: sparse gradients are densified; rows absent from the batch get a zero
     gradient and duplicate indices are summed."""
+    import tensorflow as tf
+
     initial = np.arange(12, dtype="float32").reshape(6, 2) / 4 - 1.0
     steps = [
         ([0, 2, 2], [[1.0, -2.0], [0.5, 0.5], [0.25, 1.0]]),

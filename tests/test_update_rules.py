@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import reference as R
-import tensorflow as tf
+from backends import compiled_apply
 from keras import ops
 
 from optiscope.optimizers import (
@@ -171,21 +171,16 @@ def test_lockstep_with_reference(rule, hyper, decay, dtype):
     + [c for c in LOCKSTEP_CASES if c.id == "EMAMomentum-bias_correction=True"],
 )
 def test_lockstep_with_reference_in_compiled_step(rule, hyper, decay):
-    """Inside one traced `tf.function` the step-dependent terms (first step, d(t), bias
-    correction) must come from `iterations`, not from Python state frozen at trace time."""
+    """Inside one compiled step (`tf.function`, `jax.jit`) the step-dependent terms (first step,
+    d(t), bias correction) must come from `iterations`, not from Python state frozen at trace
+    time."""
     dtype = "float32"
     optimizer, reference = make_pair(rule, hyper, decay, dtype)
     variables = make_variables(dtype)
     optimizer.build(variables)
-    compiled = tf.function(lambda grads: optimizer.apply(grads, variables))
-    check_lockstep(
-        optimizer,
-        reference,
-        variables,
-        dtype,
-        apply=lambda grads: compiled([tf.constant(g) for g in grads]),
-    )
-    assert compiled.experimental_get_tracing_count() == 1
+    apply, traces = compiled_apply(optimizer, variables)
+    check_lockstep(optimizer, reference, variables, dtype, apply=apply)
+    assert traces() == 1
 
 
 @pytest.mark.parametrize(
@@ -207,10 +202,13 @@ def test_float64_keeps_float64_hyperparameters(rule, hyper):
 
 
 # ------------------------------------------------------------------ TensorFlow's fused kernels
+@pytest.mark.tensorflow_only
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decay", SIGN_DECAYS)
 @pytest.mark.parametrize("rule", ["power_sign", "add_sign"])
 def test_matches_fused_kernel(rule, decay, dtype):
+    import tensorflow as tf
+
     schedule = SIGN_DECAYS[decay][0]()
     if rule == "power_sign":
         optimizer = PowerSign(learning_rate=LR, beta=BETA, sign_decay=schedule)
@@ -446,7 +444,7 @@ def test_sign_decay_documented_defaults_and_values():
 @pytest.mark.parametrize("step_dtype", ["int32", "int64", "float32"])
 def test_sign_decay_accepts_integer_steps(step_dtype):
     schedule = LinearSignDecay(decay_steps=4)
-    value = schedule(tf.constant(1, dtype=step_dtype))
+    value = schedule(ops.convert_to_tensor(1, dtype=step_dtype))
     assert float(value) == 0.75
 
 

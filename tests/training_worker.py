@@ -68,8 +68,7 @@ def main():
         model = make_model(InstrumentedAdam(learning_rate=0.01))
     fit(model, [logger], epochs=args.epochs)
     if sink.run_id is None:  # not the chief: the sink never got a record; drop its journal
-        sink._journal.close()
-        os.remove(sink._journal_path)
+        sink._journal.close(keep=False)
     with open(args.out, "w") as file:
         json.dump(
             {

@@ -17,7 +17,6 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.custom_scalar import summary as custom_scalar_summary
 from tensorboard.plugins.histogram.summary_v2 import histogram_pb
-from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
@@ -150,8 +149,8 @@ class TensorBoardSink(Sink):
         values = {name: _hparam_value(value) for name, value in hparams.items()}
         tags = {f"hparams/{name}": value for name, value in metrics.items()}
         config = hparams_summary.hparams_config_pb(
-            hparams=[hp.HParam(name) for name in values],
-            metrics=[hp.Metric(tag) for tag in tags],
+            hparams=[hparams_summary.HParam(name) for name in values],
+            metrics=[hparams_summary.Metric(tag) for tag in tags],
         )
         self._write(config, 0)
         self._write(hparams_summary.hparams_pb(values, trial_id=self.run_name), 0)
