@@ -2,13 +2,14 @@
 #   make run   - install into .venv and run the main job on the embedded defaults
 #   make test  - install into .venv (with test tools) and run the test suite, on TensorFlow
 #                and (its backend-neutral part) on JAX
+#   make ui    - TensorBoard and the MLflow UI on what `make run` wrote
 #   make server - a team's MLflow tracking server (PostgreSQL store, served artifacts) on
 #                 127.0.0.1, data under ./optiscope-server; Ctrl-C stops it
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: run test server lint benchmarks clean
+.PHONY: run test ui server lint benchmarks clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed
 	$(BIN)/optiscope run rosenbrock
+
+ui: $(VENV)/.installed
+	$(BIN)/optiscope ui
 
 # The backend-neutral tests again on JAX; its float64 statistics state needs JAX_ENABLE_X64.
 JAX_TESTS = tests/test_update_rules.py tests/test_statistics.py tests/test_builtins.py \

@@ -6,6 +6,8 @@ import sys
 import threading
 import weakref
 
+from optiscope.tracking.base import status_of  # noqa: F401 - part of this module's interface
+
 _open = weakref.WeakSet()
 _lock = threading.Lock()
 _installed = False
@@ -48,8 +50,3 @@ def close_all(status):
         _open.clear()
     for owner in owners:
         owner.close_run(status)
-
-
-def status_of(exception):
-    """FAILED, or KILLED for Ctrl-C."""
-    return "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"

@@ -2,23 +2,16 @@
 
 import contextlib
 import math
+import sys
 import threading
 
 import keras
 import numpy as np
 
-from optiscope.callbacks import _live, _runs
+from optiscope.callbacks import _live, _runs, publishing
+from optiscope.callbacks.publishing import FIELDS, default_sinks
 from optiscope.optimizers import unwrap
-from optiscope.optimizers.measures import STATISTICS
-from optiscope.tracking import (
-    MlflowSink,
-    NullSink,
-    Sink,
-    SinkList,
-    TensorBoardSink,
-    journal,
-    naming,
-)
+from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, journal, naming
 from optiscope.tracking._checks import (
     check_bool,
     check_mapping,
@@ -29,9 +22,8 @@ from optiscope.tracking._checks import (
 from optiscope.tracking.mlflow_sink import check_tracking_uri
 from optiscope.tracking.tensorboard import DEFAULT_LOGDIR
 
-FIELDS = ("last", "mean", "max")
 DEFAULT_INTERVAL = 100
-PREFIX = "optimizer"
+EPOCH_PREFIX = "epoch"
 # Aggregates put into Keras' `logs` every epoch (so History, CSVLogger, the progress bar and
 # Keras' TensorBoard callback record them): log key -> (statistic, how to combine groups).
 LOG_KEYS = {
@@ -42,20 +34,6 @@ LOG_KEYS = {
     "opt_sign_flip_fraction": ("sign_flip_fraction", "mean"),
     "opt_sign_agreement": ("sign_agreement", "mean"),
 }
-
-
-def default_sinks(logdir, run_name, tracking_uri, experiment_name, run_id=None, step=0):
-    """A `TensorBoardSink` and an `MlflowSink`; from optimizer step `step` > 0 (a resumed
-    training) TensorBoard drops what the run directory holds after that step."""
-    return [
-        TensorBoardSink(logdir=logdir, run_name=run_name, purge_step=step + 1 if step else None),
-        MlflowSink(
-            tracking_uri=tracking_uri,
-            experiment_name=experiment_name,
-            run_name=run_name,
-            run_id=run_id,
-        ),
-    ]
 
 
 def is_chief(model):
@@ -80,15 +58,17 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     """Streams an instrumented optimizer's statistics to TensorBoard and MLflow.
 
     At every multiple of `interval` steps and at each epoch's end it reads all statistics in
-    one transfer and sends them to the sinks as `optimizer/<statistic>/<variable>` (the
-    window's mean; other fields as `optimizer/<statistic>_<field>/<variable>`; running totals
-    of counts as `..._total`), at the optimizer's update count as step. Each epoch it also
-    puts a few aggregates into `logs` (`opt_learning_rate`, `opt_global_grad_norm`,
-    `opt_global_update_norm`, `opt_effective_lr`, `opt_sign_flip_fraction`,
-    `opt_sign_agreement`; NaN where the optimizer has no such statistic), so Keras' History,
-    CSVLogger, progress bar and TensorBoard callback record them too: put this callback before
-    those in the list. Params (optimizer class and config, model and data description) are
-    logged when training begins; HParams and final metrics when it ends.
+    one transfer and sends them to the sinks through `publishing.Publisher`:
+    `optimizer/<statistic>/<variable>` (the window's mean; other fields as
+    `optimizer/<statistic>_<field>/<variable>`; running totals of counts as `..._total`), at
+    the optimizer's update count as step. Each epoch it also puts a few aggregates into `logs`
+    (`opt_learning_rate`, `opt_global_grad_norm`, `opt_global_update_norm`, `opt_effective_lr`,
+    `opt_sign_flip_fraction`, `opt_sign_agreement`; left out where the optimizer has no such
+    statistic), so Keras' History, CSVLogger, progress bar and TensorBoard callback record them
+    too: put this callback before those in the list. The epoch's `logs` reach the sinks as
+    `epoch/<key>` at the epoch number (an axis of their own). Params (optimizer class and
+    config, model and data description) are logged when training begins; HParams and final
+    metrics when it ends.
 
     It reads from Keras' callback thread (`async_safe`), so Keras keeps dispatching batches
     asynchronously. On JAX, whose trainer keeps the live state outside the model during an
@@ -104,7 +84,11 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
 
     Args:
         sinks: a `Sink` or a list of them. Defaults to None: a `TensorBoardSink` under `logdir`
-            and an `MlflowSink` to `tracking_uri`, both named `run_name`.
+            and an `MlflowSink` to `tracking_uri`, both named `run_name`, which the logger
+            closes when training ends (and says once where it logs).
+        close_sinks: also end the runs of the given `sinks` when training ends (FINISHED,
+            or FAILED/KILLED after an exception or Ctrl-C). Defaults to False: whoever
+            creates a sink closes it.
         interval: read every this many steps. Defaults to 100.
         fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
@@ -126,6 +110,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         tracking_uri=None,
         experiment_name=None,
         params=None,
+        close_sinks=False,
         run_id=None,
     ):
         super().__init__()
@@ -148,6 +133,8 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             writable_directory("logdir", logdir)
             check_tracking_uri(tracking_uri)
         self._given_sinks = sinks
+        self.close_sinks = check_bool("close_sinks", close_sinks) or sinks is None
+        self._announced = False
         self.histograms = check_bool("histograms", histograms)
         self.logdir = logdir
         self.run_name = check_name("run_name", run_name)
@@ -173,7 +160,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             )
         start = int(keras.ops.convert_to_numpy(self.optimizer.iterations))
         if is_chief(self.model):
-            run_name = self.run_name or naming.run_name(type(self.optimizer).__name__)
+            run_name = self.run_name or naming.run_name(publishing.optimizer_name(self.optimizer))
             sinks = self._given_sinks or default_sinks(
                 self.logdir,
                 run_name,
@@ -185,16 +172,20 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             for spool_dir in {s.spool_dir for s in sinks if isinstance(s, MlflowSink)}:
                 journal.warn_pending(spool_dir)
             self.sinks = SinkList(sinks)
+            if self._given_sinks is None and not self._announced:
+                print(f"OptimizerStatsLogger: logging to {self.sinks.location()}", file=sys.stderr)
+                self._announced = True
         else:
             self.sinks = NullSink()
         self._open = True
-        _runs.register(self)
+        if self.close_sinks:
+            _runs.register(self)
         # Steps count from the optimizer's step, read once: reading it every batch would wait
         # for the device.
         self._batches = start
         self._epoch_start = start
         self._last_read = start
-        self._layout_written = False
+        self._publisher = publishing.Publisher(self.sinks, self.fields)
         self._epoch_window = {}
         self.sinks.log_params(self._describe())
 
@@ -207,13 +198,17 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self.close_run("FINISHED")
 
     def close_run(self, status):
-        """Ends the run (FINISHED, FAILED or KILLED) and closes the sinks; idempotent."""
+        """Ends the run (FINISHED, FAILED or KILLED): closes the sinks this logger created
+        (all of them with `close_sinks=True`), flushes the others; idempotent."""
         if self._open:
             with contextlib.suppress(Exception):  # a run that failed still closes
                 self._read_and_log()  # the steps since the last read (an interrupted run)
             self._open = False
             _runs.unregister(self)
-            self.sinks.close(status)
+            if self.close_sinks:
+                self.sinks.close(status)
+            else:
+                self.sinks.flush()
 
     def __enter__(self):
         return self
@@ -244,7 +239,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self._read_and_log()
         if logs is not None:
             logs.update(self._epoch_aggregates())
-            keras_logs = {k: float(v) for k, v in logs.items() if _is_number(v)}
+            keras_logs = {f"{EPOCH_PREFIX}/{k}": float(v) for k, v in logs.items() if _is_number(v)}
             self.sinks.log_metrics(keras_logs, step=epoch + 1)
         if self.histograms:
             self.sinks.log_histograms(
@@ -267,22 +262,13 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     def _log(self, stats):
         if stats.steps == 0:
             return
-        metrics = {}
-        for (name, group), summary in stats.items():
-            for field in self.fields:
-                suffix = "" if field == "mean" else f"_{field}"
-                metrics[_tag(name + suffix, group)] = getattr(summary, field)
-            if name in STATISTICS and STATISTICS[name].cumulative:
-                metrics[_tag(name + "_total", group)] = summary.total
-            window = self._epoch_window.setdefault((name, group), [0.0, 0, -math.inf, math.nan])
+        for key, summary in stats.items():
+            window = self._epoch_window.setdefault(key, [0.0, 0, -math.inf, math.nan])
             window[0] += summary.mean * stats.steps
             window[1] += stats.steps
             window[2] = max(window[2], summary.max)
             window[3] = summary.last
-        if not self._layout_written:
-            self.sinks.log_layout(_charts(metrics))
-            self._layout_written = True
-        self.sinks.log_metrics(metrics, step=stats.step)
+        self._publisher.publish(stats)
 
     def _epoch_aggregates(self):
         aggregates = {}
@@ -292,22 +278,17 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 for (name, _), window in self._epoch_window.items()
                 if name == statistic and window[1]
             ]
-            aggregates[key] = float(np.mean(values)) if values else math.nan
+            if values:
+                aggregates[key] = float(np.mean(values))
         return aggregates
 
     # ------------------------------------------------------------------ descriptions
     def _hparams(self):
-        config = naming.flatten(self.optimizer.get_config())
-        hparams = {"optimizer": type(self.optimizer).__name__}
-        hparams.update({k: v for k, v in config.items() if _is_scalar(v)})
-        return hparams
+        return publishing.optimizer_hparams(self.optimizer)
 
     def _describe(self):
         model = self.model
-        params = {
-            f"optimizer.{k}": v for k, v in naming.flatten(self.optimizer.get_config()).items()
-        }
-        params["optimizer.class"] = type(self.optimizer).__name__
+        params = publishing.describe_optimizer(self.optimizer)
         params["model.name"] = model.name
         params["model.class"] = type(model).__name__
         params["model.trainable_parameters"] = int(
@@ -318,23 +299,5 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         return params
 
 
-def _tag(name, group):
-    return f"{PREFIX}/{name}" if group is None else f"{PREFIX}/{name}/{group}"
-
-
-def _charts(metrics):
-    """One chart per statistic, drawing that statistic for every group."""
-    charts = {}
-    for tag in metrics:
-        parts = tag.split("/")
-        statistic = "/".join(parts[1:3]) if parts[1] == "slot_norm" else parts[1]
-        charts.setdefault(statistic, []).append(tag)
-    return charts
-
-
 def _is_number(value):
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-
-
-def _is_scalar(value):
-    return isinstance(value, (bool, int, float, str)) or value is None

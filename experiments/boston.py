@@ -270,7 +270,7 @@ def _report(sinks, per_epoch):
     class Report(keras.callbacks.Callback):
         """At the end of training, sends the test MSE and output bias after every epoch to
         the setting's sinks and puts the best and final test MSE into the logs, before the
-        statistics logger (which follows it in the list) closes the sinks."""
+        statistics logger (which follows it in the list) logs them as final metrics."""
 
         async_safe = True
 
@@ -308,9 +308,8 @@ def run(config=Config(), tracker=None, options=None):
     total = len(settings) + len(studied) * len(extra_seeds)
     with harness.progress(total, NAME, options.progress) as advance:
         for setting in settings:
-            params = {**dataclasses.asdict(config), **dataclasses.asdict(setting)}
-            sinks = tracker.setting(setting.label, params)
-            record, curves[setting.label] = train(setting, config, parts, sinks)
+            with tracker.setting(setting.label, dataclasses.asdict(setting)) as sinks:
+                record, curves[setting.label] = train(setting, config, parts, sinks)
             record["seeds_best_test_mse"] = ""
             records.append(record)
             advance(f"{NAME}: {setting.label}")

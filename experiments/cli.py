@@ -1,9 +1,17 @@
 """The `optiscope` command."""
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import os
+import shutil
 import sys
+import textwrap
+
+from optiscope.experiments import NAMES, load
+
+WIDTH = 100
 
 
 def main(argv=None):
@@ -17,12 +25,13 @@ def main(argv=None):
     )
     demo.add_argument("--epochs", type=_positive_int, default=3, help="epochs (default 3)")
 
-    commands.add_parser("list", help="list the experiments")
+    listing = commands.add_parser("list", help="list the experiments")
+    listing.add_argument("--names", action="store_true", help="names only, one a line")
     run = commands.add_parser(
         "run",
         help="run an experiment: results (JSON, CSV, Markdown, PNG), TensorBoard and MLflow runs",
     )
-    run.add_argument("experiment", choices=sorted(EXPERIMENTS), help="which experiment")
+    run.add_argument("experiment", choices=NAMES, help="which experiment")
     run.add_argument("--out", default="results", help="results directory (default results)")
     run.add_argument("--logdir", default="runs", help="TensorBoard log directory (default runs)")
     run.add_argument(
@@ -81,11 +90,12 @@ def main(argv=None):
     replay.add_argument("--experiment", default=None, help="experiment name (default: as logged)")
 
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if args.command == "list":
-        for name, module in EXPERIMENTS.items():
-            print(f"{name:<12} {_module(module).DESCRIPTION}")
+        for name in NAMES:
+            print(name if args.names else f"{name:<12} {load(name).DESCRIPTION}")
         return 0
+    if args.command in ("run", "demo"):
+        quiet_start_up()
     if args.command == "run":
         return _run(args)
     if args.command == "demo":
@@ -105,23 +115,45 @@ def main(argv=None):
     return 0
 
 
-EXPERIMENTS = {
-    name: f"optiscope.experiments.{name}"
-    for name in ("convergence", "rosenbrock", "housing", "momentum", "boston")
-}
+def quiet_start_up():
+    """Imports TensorFlow without its start-up lines on a machine without a GPU (the CUDA
+    and oneDNN notices go to file descriptor 2, below Python); quiets MLflow's database
+    set-up messages."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    if _has_gpu():
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            with contextlib.suppress(ImportError):
+                import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
-def _module(path):
-    import importlib
+def _has_gpu():
+    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
-    return importlib.import_module(path)
+
+def _command(name):
+    """How to type the console script `name` installed beside this one, from here."""
+    path = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), name)
+    if not os.path.exists(path):
+        return name
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
 
 
 def _run(args):
     from optiscope.experiments import harness
     from optiscope.experiments.data import DataUnavailable
 
-    module = _module(EXPERIMENTS[args.experiment])
+    module = load(args.experiment)
     config = module.Config.quick(seed=args.seed) if args.quick else module.Config(seed=args.seed)
     if args.data is not None:
         if not hasattr(config, "data"):
@@ -133,22 +165,40 @@ def _run(args):
         logdir=args.logdir,
         tracking_uri=args.tracking_uri,
         track=not args.no_track,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     try:
         result = harness.run_tracked(module, config, options)
     except DataUnavailable as err:
         print(f"optiscope run {args.experiment}: {err}", file=sys.stderr)
         return 2
-    print(f"\n{args.experiment}\n\n{result.table()}\n")
+    from optiscope.experiments.harness import text_table
+
+    table, left_out = text_table(result.records, result.columns, width=WIDTH)
+    print(f"\n{args.experiment}\n\n{table}\n")
     for note in result.notes:
-        print(f"- {note}")
-    print(f"\nResults in {os.path.dirname(result.files['json'])}/")
+        print(textwrap.fill(note, WIDTH, initial_indent="- ", subsequent_indent="  "))
+    results = os.path.join(os.path.dirname(result.files["json"]), "results.md")
+    more = f" (with the columns {', '.join(left_out)})" if left_out else ""
+    print(
+        "\n" + textwrap.fill(f"Results in {results}{more}; JSON, CSV and plots beside it.", WIDTH)
+    )
     if options.track:
+        tracker = result.tracker
+        groups = sorted(os.listdir(tracker.tensorboard_dir))
+        ui = _command("optiscope") + " ui"
+        if args.logdir != "runs":
+            ui += f" --logdir {args.logdir}"
+        if args.tracking_uri:
+            ui += f" --tracking-uri {args.tracking_uri}"
+        elif args.logdir == "runs" and os.path.exists("Makefile"):
+            ui += "   (or: make ui)"
         print(
-            f"TensorBoard runs in {options.logdir}/, MLflow runs in experiment 'optiscope'.\n"
-            "Look at them with:  optiscope ui  (TensorBoard on http://127.0.0.1:6006, "
-            "the MLflow UI on http://127.0.0.1:5000)"
+            f"TensorBoard runs: {tracker.tensorboard_dir}/ ({', '.join(groups)})\n"
+            f"MLflow runs: experiment {tracker.mlflow.experiment_name!r}\n"
+            f"Look at them with:  {ui}\n"
+            f"  TensorBoard: {harness.UI_TENSORBOARD}/\n"
+            f"  MLflow:      {tracker.urls.get('MLflow') or harness.UI_MLFLOW}"
         )
     return 0
 

@@ -91,6 +91,9 @@ def run_setting(make_optimizer, learning_rate, config, sinks):
     import keras
     import tensorflow as tf
 
+    from optiscope.callbacks.publishing import Publisher
+
+    publisher = Publisher(sinks, describe=True)
     x = keras.Variable(np.float32(config.start), name="x")
     optimizer = make_optimizer(learning_rate)
     if isinstance(optimizer, keras.Optimizer):
@@ -121,7 +124,7 @@ def run_setting(make_optimizer, learning_rate, config, sinks):
         last = min(first + CHUNK, config.max_iterations + 1)
         code, at, path = (v.numpy() for v in chunk(tf.constant(first), tf.constant(last)))
         xs.extend(path[: int(at) - first + (code != 2)].tolist())
-        _log_chunk(sinks, optimizer, xs, first)
+        _log_chunk(sinks, publisher, optimizer, xs, first)
         if code:
             outcome, iterations = int(code), int(at)
             break
@@ -135,18 +138,13 @@ def run_setting(make_optimizer, learning_rate, config, sinks):
     return record, np.asarray(xs, dtype="float64")
 
 
-def _log_chunk(sinks, optimizer, xs, first):
+def _log_chunk(sinks, publisher, optimizer, xs, first):
     values = np.asarray(xs, dtype="float64")
     with np.errstate(all="ignore"):
         losses = 2 * values**4 + 3 * values**3 + 2
     for step in range(first, len(xs)):
         sinks.log_metrics({"x": values[step], "loss": losses[step]}, step)
-    if hasattr(optimizer, "statistics") and optimizer.built:
-        stats = optimizer.statistics()
-        if stats.steps:
-            sinks.log_metrics(
-                {f"optimizer/{k}": v for k, v in stats.scalars("mean").items()}, stats.step
-            )
+    publisher.read(optimizer)
 
 
 def describe(record):
@@ -169,13 +167,11 @@ def run(config=Config(), tracker=None, options=None):
     with harness.progress(total, NAME, options.progress) as advance:
         for name, make in rows.items():
             for lr in config.learning_rates:
-                params = {"optimizer": name, "learning_rate": lr, **dataclasses.asdict(config)}
-                sinks = tracker.setting(f"{name} lr={lr:g}", params)
-                record, path = run_setting(make, lr, config, sinks)
-                record["optimizer"] = name
-                sinks.log_hparams({"optimizer": name, "learning_rate": lr},
-                                  {"iterations": record["iterations"]})  # fmt: skip
-                sinks.close()
+                params = {"setting": name, "learning_rate": lr}
+                with tracker.setting(f"{name}/{harness.lr_name(lr)}", params) as sinks:
+                    record, path = run_setting(make, lr, config, sinks)
+                    record["optimizer"] = name
+                    sinks.log_hparams({"learning_rate": lr}, {"iterations": record["iterations"]})
                 records.append(record)
                 paths[(name, lr)] = path
                 advance(f"{NAME}: {name} lr={lr:g}")

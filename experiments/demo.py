@@ -1,5 +1,5 @@
 """The quick start as a job: train a small regression model with three instrumented
-optimizers, stream their statistics to TensorBoard (./runs) and MLflow (its local default
+optimizers, stream their statistics to TensorBoard (./runs/demo) and MLflow (its local default
 store), and print what happened inside each optimizer."""
 
 import numpy as np
@@ -45,7 +45,7 @@ def run(epochs=3, seed=42, logdir="runs", tracking_uri=None):
         model.compile(optimizer=optimizer, loss="mse", steps_per_execution=8)
         logger = OptimizerStatsLogger(
             logdir=logdir,
-            run_name=naming.run_name(name),
+            run_name=f"demo/{naming.run_name(name)}",
             tracking_uri=tracking_uri,
             experiment_name=EXPERIMENT,
             params={"data": f"synthetic California-shaped regression, {len(x)} x {x.shape[1]}"},

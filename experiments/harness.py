@@ -1,6 +1,7 @@
-"""What every experiment shares: options, results written as data first (JSON, CSV, Markdown)
-and plots second, tracking as an MLflow parent run with one child per optimizer setting plus
-a TensorBoard run per setting, and progress bars."""
+"""What every experiment shares: the `Experiment` protocol, options, results written as data
+first (JSON, CSV, Markdown) and plots second, tracking (`Tracker`: an MLflow parent run, one
+run per setting in MLflow and TensorBoard, the tuned settings apart from the grid), progress
+on stderr and tables that fit a terminal."""
 
 import contextlib
 import csv
@@ -8,8 +9,34 @@ import dataclasses
 import json
 import math
 import os
+import re
+import sys
+import time
+import typing
+
+import numpy as np
 
 from optiscope.tracking import MlflowSink, NullSink, SinkList, TensorBoardSink, naming
+from optiscope.tracking.base import status_of
+
+
+class Experiment(typing.Protocol):
+    """What every experiment module provides (the CLI, the tests and CI rely on it):
+
+    - `NAME`: its name on the command line and in the tracking back ends;
+    - `DESCRIPTION`: one line for `optiscope list`;
+    - `Config`: a frozen dataclass of the protocol (every number the result depends on, a
+      `seed` among them), whose defaults are the full run and whose `Config.quick(seed=...)`
+      is a reduced one for smoke tests;
+    - `run(config, tracker=None, options=None) -> Result`: runs it, sending each setting to
+      `tracker.setting(...)` (see `Tracker`) and showing `progress(...)`.
+    """
+
+    NAME: str
+    DESCRIPTION: str
+    Config: type
+
+    def run(self, config, tracker=None, options=None): ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +64,7 @@ class Result:
     reference_columns: list = dataclasses.field(default_factory=list)
     figures: dict = dataclasses.field(default_factory=dict)
     files: dict = dataclasses.field(default_factory=dict)
+    tracker: object = None
 
     def table(self):
         return markdown_table(self.records, self.columns)
@@ -106,57 +134,238 @@ def write(result, out):
     return paths
 
 
-class Tracker:
-    """An MLflow parent run for the experiment, one child run and one TensorBoard run per
-    optimizer setting."""
+def setting_name(label):
+    """`label` as a directory name: runs of characters other than letters, digits, `.=_-`
+    become `-` (`SGD momentum 0.9` -> `SGD-momentum-0.9`)."""
+    return re.sub(r"[^A-Za-z0-9.=_-]+", "-", label).strip("-") or "_"
 
-    def __init__(self, experiment, options):
+
+def lr_name(learning_rate):
+    """`lr=<plain decimal>` (`lr=0.00001` ... `lr=1`): names sort in numeric order."""
+    return f"lr={np.format_float_positional(float(learning_rate), trim='-')}"
+
+
+def mlflow_experiment(experiment):
+    """The MLflow experiment of an optiscope experiment."""
+    return f"optiscope-{experiment}"
+
+
+class Tracker:
+    """Where one experiment run is tracked. With `run id` `<experiment>-<time stamp>`:
+
+    - TensorBoard: `<logdir>/<experiment>/<run id>/best/<setting>` for the settings the result
+      table compares (each optimizer's tuned setting), `.../grid/<setting>/lr=<rate>` for a
+      learning-rate search, `.../summary` for the plots and the table;
+    - MLflow, experiment `optiscope-<experiment>`: a parent run `<run id>` (params: the
+      `Config`; metrics `summary/<setting>/<metric>`; the result files as artifacts), the
+      best settings as top-level runs (tags `optiscope.role=best`, `optiscope.chosen=true`),
+      the grid runs nested under the parent (`optiscope.role=grid`). Every run is tagged
+      `optiscope.experiment` and `optiscope.run` (the run id).
+    """
+
+    def __init__(self, experiment, options, config=None):
         self.experiment = experiment
         self.options = options
         self.name = naming.run_name(experiment)
-        if options.track:
-            self.parent = MlflowSink(
-                tracking_uri=options.tracking_uri, experiment_name="optiscope", run_name=self.name
-            )
-            self.parent.set_tags({"optiscope.experiment": experiment})
-        else:
-            self.parent = None
+        self.urls = {}
+        self.tags = {"optiscope.experiment": experiment, "optiscope.run": self.name}
+        if not options.track:
+            self.parent = NullSink()
+            return
+        self.board = TensorBoardSink(
+            logdir=options.logdir, run_name=f"{experiment}/{self.name}", subdir="summary"
+        )
+        self.mlflow = MlflowSink(
+            tracking_uri=options.tracking_uri,
+            experiment_name=mlflow_experiment(experiment),
+            run_name=self.name,
+            tags={**self.tags, "optiscope.role": "parent"},
+        )
+        self.parent = SinkList([self.board, self.mlflow])
+        if config is not None:
+            self.mlflow.log_params(naming.flatten(_jsonable(dataclasses.asdict(config))))
 
-    def setting(self, name, params, tags=None):
-        """Sinks for one optimizer setting; `params` (and `tags`) go to its child run."""
-        if self.parent is None:
+    @property
+    def tensorboard_dir(self):
+        return os.path.join(self.options.logdir, self.experiment, self.name)
+
+    def setting(self, label, params, group="best", tags=None):
+        """Sinks for one setting (close them, e.g. `with tracker.setting(...) as sinks:`):
+        `group="best"` for a row of the result table, `"grid"` for a search run (label
+        `<optimizer>/lr=<rate>`). `params` (and `tags`) go to the setting's MLflow run."""
+        if group not in ("best", "grid"):
+            raise ValueError(f"Argument `group` must be 'best' or 'grid'. Received: {group!r}")
+        if not self.options.track:
             return NullSink()
-        child = self.parent.child(name)
-        if tags:
-            child.set_tags(tags)
-        sinks = SinkList(
-            [TensorBoardSink(logdir=self.options.logdir, run_name=f"{self.name}/{name}"), child]
+        path = "/".join(setting_name(part) for part in label.split("/"))
+        tags = {**self.tags, **(tags or {}), "optiscope.role": group, "optiscope.setting": label}
+        if group == "best":
+            tags["optiscope.chosen"] = "true"
+        sinks = Setting(
+            [
+                self.board.child(f"{group}/{path}"),
+                self.mlflow.child(label, tags=tags, nested=group == "grid"),
+            ],
+            label=label,
+            tracker=self,
+            best=group == "best",
         )
         sinks.log_params(params)
         return sinks
 
     def finish(self, result, status="FINISHED"):
-        if self.parent is None:
+        if not self.options.track:
             return
-        board = TensorBoardSink(logdir=self.options.logdir, run_name=f"{self.name}/summary")
         for name, figure in result.figures.items():
-            board.log_figure(name, figure, step=1)
-            self.parent.log_figure(name, figure, step=1)
+            self.board.log_figure(name, figure, step=1)
+        self.board.log_event(result.table(), step=1)
         for path in result.files.values():
-            self.parent.log_artifact(path, "results")
-        board.close()
+            self.mlflow.log_artifact(path, "results")
+        self.close(status)
+
+    def close(self, status):
+        if not self.options.track:
+            return
         self.parent.close(status)
+        self.urls = {"MLflow": self._mlflow_url(), "TensorBoard": self.tensorboard_dir}
+
+    def _mlflow_url(self):
+        """The experiment's page (its training runs) in the MLflow UI, or None."""
+        experiment_id = self.mlflow.experiment_id
+        if experiment_id is None:
+            return None
+        base = self.options.tracking_uri or ""
+        if not base.startswith(("http://", "https://")):
+            base = UI_MLFLOW  # where `optiscope ui` serves a local store
+        return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+UI_MLFLOW = "http://127.0.0.1:5000"
+UI_TENSORBOARD = "http://127.0.0.1:6006"
+
+
+def text_table(records, columns, width=100, cell_width=22):
+    """The result table for a terminal: as many leading columns as fit in `width`
+    characters, cells cut to `cell_width`; returns `(text, columns left out)`."""
+
+    def cut(text):
+        return text if len(text) <= cell_width else text[: cell_width - 1] + "~"
+
+    cells = {c: [cut(_cell(r.get(c, ""))) for r in records] for c in columns}
+    widths = {c: max([len(cut(c)), *map(len, cells[c])]) for c in columns}
+    shown, used = [], 0
+    for column in columns:
+        if used + widths[column] + (2 if shown else 0) > width:
+            break
+        shown.append(column)
+        used += widths[column] + (2 if len(shown) > 1 else 0)
+    lines = ["  ".join(cut(c).ljust(widths[c]) for c in shown).rstrip()]
+    lines.append("  ".join("-" * widths[c] for c in shown))
+    for i in range(len(records)):
+        lines.append("  ".join(cells[c][i].ljust(widths[c]) for c in shown).rstrip())
+    return "\n".join(lines), columns[len(shown) :]
+
+
+class Setting(SinkList):
+    """The sinks of one setting. It also sends the setting's final metrics (`log_hparams`) to
+    the parent run as `summary/<setting>/<metric>`, names the setting and the optimizer's
+    class in its HParams, writes a custom-scalar layout for the experiment's own series, and
+    (for best settings) plots those series into `figures/curves.png` when it closes."""
+
+    def __init__(self, sinks, label, tracker, best):
+        super().__init__(sinks)
+        self.label, self.tracker, self.best = label, tracker, best
+        self.optimizer = None
+        self.series = {}
+        self._charted = set()
+
+    def log_params(self, params):
+        self.optimizer = params.get("optimizer.class", self.optimizer)
+        super().log_params(params)
+
+    def log_metrics(self, metrics, step):
+        own = [tag for tag in metrics if not tag.startswith("optimizer/")]
+        for tag in own:
+            self.series.setdefault(tag, []).append((step, float(metrics[tag])))
+        if set(own) - self._charted:
+            self._charted |= set(own)
+            super().log_layout(_experiment_charts(self._charted), category=self.tracker.experiment)
+        super().log_metrics(metrics, step)
+
+    def log_hparams(self, hparams, metrics):
+        hparams = {**hparams, "setting": self.label}
+        if self.optimizer is not None:
+            hparams["optimizer"] = self.optimizer
+        super().log_hparams(hparams, metrics)
+        if self.best:
+            key = setting_name(self.label)
+            self.tracker.mlflow.log_metrics(
+                {f"summary/{key}/{name}": value for name, value in metrics.items()}, step=1
+            )
+
+    def close(self, status="FINISHED"):
+        if self.best and self.series and status == "FINISHED":
+            figure = plot_series(self.series, self.label)
+            self.log_figure("curves", figure, step=1)
+            _close_figure(figure)
+        super().close(status)
+
+
+def _experiment_charts(tags):
+    """One chart per first path component (`distance/...`), one per Keras key (`epoch/...`)."""
+    charts = {}
+    for tag in sorted(tags):
+        parts = tag.split("/")
+        title = "/".join(parts[:2]) if parts[0] == "epoch" else parts[0]
+        charts.setdefault(title, []).append(tag)
+    return charts
+
+
+def plot_series(series, title, limit=6):
+    """Up to `limit` logged series of one run against their steps, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(series)[:limit]
+    figure, axes = plt.subplots(
+        1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False, layout="constrained"
+    )
+    for ax, name in zip(axes[0], names, strict=True):
+        steps, values = np.asarray(series[name], "float64").T
+        ax.plot(steps, values, lw=1.2)
+        finite = values[np.isfinite(values)]
+        if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 100:
+            ax.set_yscale("log")
+        ax.set(title=name, xlabel="step")
+    figure.suptitle(title)
+    return figure
+
+
+def _close_figure(figure):
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
 
 
 def progress(total, description, enabled=True):
-    """A rich progress bar (or nothing): `with progress(n, "...") as advance: advance()`."""
+    """Progress on stderr: `with progress(n, "...") as advance: advance("label")`. A rich bar
+    on a terminal; elsewhere (CI, a pipe) a plain line at most every `PLAIN_INTERVAL` seconds
+    and at the end."""
     if not enabled:
         return contextlib.nullcontext(lambda *_: None)
-    return _RichProgress(total, description)
+    if sys.stderr.isatty():
+        return _RichProgress(total, description)
+    return _PlainProgress(total, description)
+
+
+PLAIN_INTERVAL = 10.0
 
 
 class _RichProgress:
     def __init__(self, total, description):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
         self._progress = Progress(
@@ -164,6 +373,7 @@ class _RichProgress:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            console=Console(stderr=True),
             transient=False,
         )
         self._task = self._progress.add_task(description, total=total)
@@ -179,16 +389,46 @@ class _RichProgress:
         return False
 
 
+class _PlainProgress:
+    def __init__(self, total, description):
+        self.total, self.description = total, description
+        self.done = 0
+        self.label = description
+
+    def _line(self):
+        elapsed = time.monotonic() - self.start
+        print(
+            f"{self.label}: {self.done}/{self.total} ({elapsed:.0f} s)", file=sys.stderr, flush=True
+        )
+        self.last = time.monotonic()
+
+    def __enter__(self):
+        self.start = self.last = time.monotonic()
+        print(f"{self.description}: {self.total} runs", file=sys.stderr, flush=True)
+
+        def advance(label=None):
+            self.done += 1
+            self.label = label or self.label
+            if time.monotonic() - self.last >= PLAIN_INTERVAL:
+                self._line()
+
+        return advance
+
+    def __exit__(self, *exc):
+        self._line()
+        return False
+
+
 def run_tracked(module, config, options):
-    """Runs an experiment module with tracking, writes its files, returns the Result."""
-    tracker = Tracker(module.NAME, options)
+    """Runs an experiment module with tracking, writes its files, returns the Result (its
+    `tracker` says where the runs are)."""
+    tracker = Tracker(module.NAME, options, config)
     try:
         result = module.run(config, tracker=tracker, options=options)
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        if tracker.parent is not None:
-            tracker.parent.close(status)
+        tracker.close(status_of(err))
         raise
     write(result, options.out)
     tracker.finish(result)
+    result.tracker = tracker
     return result

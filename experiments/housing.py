@@ -156,7 +156,7 @@ def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
     """Trains one (optimizer, learning rate, seed); returns its history and final MSEs.
 
     With `sinks`, the optimizer is instrumented and an `OptimizerStatsLogger` sends the
-    epoch losses and the optimizer's statistics to them (and closes them at the end).
+    epoch losses and the optimizer's statistics to them.
     """
     import keras
 
@@ -258,8 +258,9 @@ def run(config=Config(), tracker=None, options=None):
                 "tuning_valid_mse": tuning.get(name, {}).get("scores"),
             }
             tags = {"optiscope.variant": "as_published"} if name == AS_PUBLISHED else None
-            sinks = tracker.setting(f"{name} lr={lr:g} seed={seed}", params, tags=tags)
-            runs[(name, lr, seed)] = train(name, lr, seed, config.epochs, parts, config, sinks)
+            label = f"{name}/{harness.lr_name(lr)}/seed={seed}"
+            with tracker.setting(label, params, tags=tags) as sinks:
+                runs[(name, lr, seed)] = train(name, lr, seed, config.epochs, parts, config, sinks)
             advance(f"{NAME}: {name} lr={lr:g} seed={seed}")
 
     with harness.progress(total, NAME, options.progress) as advance:

@@ -63,6 +63,9 @@ def run_setting(make_optimizer, config, sinks):
     import keras
     import tensorflow as tf
 
+    from optiscope.callbacks.publishing import Publisher
+
+    publisher = Publisher(sinks, describe=True)
     x = keras.Variable(np.float32(config.start), name="x")
     optimizer = make_optimizer()
     optimizer.build([x])
@@ -83,10 +86,7 @@ def run_setting(make_optimizer, config, sinks):
         values = np.asarray(xs[first + 1 :], "float64")
         for step, value in enumerate(values, start=first + 1):
             sinks.log_metrics({"x": value, "loss": objective(value, config.curvature)}, step)
-        stats = optimizer.statistics()
-        sinks.log_metrics(
-            {f"optimizer/{k}": v for k, v in stats.scalars("mean").items()}, stats.step
-        )
+        publisher.read(optimizer)
     return np.asarray(xs, "float64")
 
 
@@ -170,14 +170,12 @@ def run(config=Config(), tracker=None, options=None):
     paths = {}
     with harness.progress(len(rows), NAME, options.progress) as advance:
         for name, make in rows.items():
-            params = {"optimizer": name, **dataclasses.asdict(config)}
-            sinks = tracker.setting(name, params)
-            paths[name] = run_setting(make, config, sinks)
-            sinks.log_hparams(
-                {"optimizer": name, "learning_rate": config.learning_rate},
-                {"final_abs_x": float(abs(paths[name][-1]))},
-            )
-            sinks.close()
+            with tracker.setting(name, {"setting": name}) as sinks:
+                paths[name] = run_setting(make, config, sinks)
+                sinks.log_hparams(
+                    {"learning_rate": config.learning_rate},
+                    {"final_abs_x": float(abs(paths[name][-1]))},
+                )
             advance(f"{NAME}: {name}")
     claims = check_claims(paths)
     records = []

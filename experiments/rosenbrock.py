@@ -24,6 +24,7 @@ DESCRIPTION = "Rosenbrock from the post's start and random starts, lr tuned per 
 CHUNK = 100
 MINIMUM = (1.0, 1.0)
 REPORT_STEPS = (1, 501, 1001, 2001, 3001)
+RULE = "fewest diverged random starts, then lowest median final distance, then smaller rate"
 
 REFERENCE = [
     {"step": 0, "RMSprop (x, y, f)": "(-2.39, -1.57), distance 4.26", "AddSign": "same",
@@ -179,6 +180,10 @@ def _median(values):
 
 
 def _logger(sinks):
+    from optiscope.callbacks.publishing import Publisher
+
+    publisher = Publisher(sinks, describe=True)
+
     def log(optimizer, step, points):
         with np.errstate(all="ignore"):
             d = distance(points)
@@ -192,13 +197,14 @@ def _logger(sinks):
             "diverged": float((~finite).sum()),
         }  # fmt: skip
         sinks.log_metrics(metrics, step)
-        stats = optimizer.statistics()
-        if stats.steps:
-            sinks.log_metrics(
-                {f"optimizer/{k}": v for k, v in stats.scalars("mean").items()}, stats.step
-            )
+        publisher.read(optimizer)
 
     return log
+
+
+def _final(summary):
+    return {"median_distance": summary["median_distance"],
+            "final_distance": summary["distances"][-1, 0]}  # fmt: skip
 
 
 def choose(grid):
@@ -221,25 +227,27 @@ def run(config=Config(), tracker=None, options=None):
     points = starting_points(config)
     rows = optimizers(config)
     records, chosen = [], {}
-    total = len(rows) * len(config.learning_rates) + len(POST_POINTS)
+    total = len(rows) * (len(config.learning_rates) + options.track) + len(POST_POINTS)
     with harness.progress(total, NAME, options.progress) as advance:
         for name, make in rows.items():
             runs = compile_runs(make, points)
             grid = {}
             for lr in config.learning_rates:
-                params = {"optimizer": name, "learning_rate": lr, **dataclasses.asdict(config)}
-                sinks = tracker.setting(f"{name} lr={lr:g}", params)
-                grid[lr] = summarize(runs(lr, config.steps, _logger(sinks)))
-                sinks.log_hparams(
-                    {"optimizer": name, "learning_rate": lr},
-                    {"median_distance": grid[lr]["median_distance"],
-                     "final_distance": grid[lr]["distances"][-1, 0]},
-                )  # fmt: skip
-                sinks.close()
+                params = {"setting": name, "learning_rate": lr}
+                grid_label = f"{name}/{harness.lr_name(lr)}"
+                with tracker.setting(grid_label, params, group="grid") as sinks:
+                    grid[lr] = summarize(runs(lr, config.steps, _logger(sinks)))
+                    sinks.log_hparams({"learning_rate": lr}, _final(grid[lr]))
                 advance(f"{NAME}: {name} lr={lr:g}")
             lr = choose(grid)
             chosen[name] = grid[lr]
             records.append(_record(name, lr, grid, config))
+            if options.track:  # the chosen rate again, as the run a person compares
+                params = {"setting": name, "learning_rate": lr, "rule": RULE}
+                with tracker.setting(name, params) as sinks:
+                    runs(lr, config.steps, _logger(sinks))
+                    sinks.log_hparams({"learning_rate": lr}, _final(grid[lr]))
+                advance(f"{NAME}: {name} at the chosen lr={lr:g}")
         scans = {}
         for name in POST_POINTS:
             scans[name] = scan_as_published(name, config)
@@ -334,9 +342,7 @@ def _as_published_run(name, scanned, points, tracker, config):
     runs = compile_runs(as_published.ROSENBROCK[name], points)
     params = {"optimizer": name, "variant": "as_published", "learning_rate": lr,
               **dataclasses.asdict(config)}  # fmt: skip
-    sinks = tracker.setting(
-        f"{label(name, True)} lr={lr:g}", params, tags={"optiscope.variant": "as_published"}
-    )
+    sinks = tracker.setting(label(name, True), params, tags={"optiscope.variant": "as_published"})
     summary = summarize(runs(lr, config.steps, _logger(sinks)))
     sinks.log_hparams(
         {"optimizer": label(name, True), "learning_rate": lr},

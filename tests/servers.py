@@ -184,9 +184,10 @@ def mlflow_server(tmp_path):
 
 
 @contextlib.contextmanager
-def tensorboard_server(logdir):
+def tensorboard_server(logdir, load_fast=None):
     """A real `tensorboard` on `logdir` (reloading every second); yields its URL once
-    /data/logdir answers."""
+    /data/logdir answers. `load_fast=False` uses the Python loader (as `optiscope ui` does:
+    the fast one serves no custom-scalar layout)."""
     logdir = os.fspath(logdir)
     port = free_port()
     url = f"http://{HOST}:{port}"
@@ -196,6 +197,7 @@ def tensorboard_server(logdir):
         "--host", HOST,
         "--port", str(port),
         "--reload_interval", "1",
+        *([] if load_fast is None else [f"--load_fast={str(load_fast).lower()}"]),
     ]  # fmt: skip
     log_path = os.path.join(os.path.dirname(os.path.abspath(logdir)), f"tensorboard-{port}.log")
     process, log = _start(command, log_path, f"{url}/data/logdir", "tensorboard")

@@ -15,7 +15,7 @@ def test_demo_trains_logs_and_reports(tmp_path):
         assert math.isfinite(loss) and stats.step == 645  # 20640 rows / batch 32
         assert stats["grad_norm", "hidden/kernel"].last > 0
         assert stats["weight_norm", "output/bias"].last >= 0
-    assert len(list((tmp_path / "runs").iterdir())) == 3
+    assert len(list((tmp_path / "runs" / "demo").iterdir())) == 3
     client = mlflow.tracking.MlflowClient(uri)
     experiment = client.get_experiment_by_name(demo.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])

@@ -68,7 +68,7 @@ class RecordingSink(Sink):
     def log_metrics(self, metrics, step):
         self.calls.append(["log_metrics", sorted(metrics), step])
 
-    def log_layout(self, charts):
+    def log_layout(self, charts, category="optimizer"):
         self.calls.append(["log_layout"])
 
     def log_hparams(self, hparams, metrics):
@@ -122,7 +122,7 @@ def run(name, scope, prepare=lambda model: None):
         epochs=EPOCHS,
         shuffle=False,
         verbose=0,
-        callbacks=[recorder, OptimizerStatsLogger(sinks=sink, interval=1)],
+        callbacks=[recorder, OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=1)],
     )
     return {{
         "keys": variable_keys(model.trainable_variables),

@@ -2,13 +2,14 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from optiscope.experiments import convergence, harness
+from optiscope.experiments import NAMES, convergence, harness
 
 # The guide's table: (optimizer row, learning rate) -> (outcome, iteration)
 EXPECTED = {
@@ -81,7 +82,8 @@ def test_cli_writes_results(tmp_path):
             for r in records} == EXPECTED  # fmt: skip
     for name in ("results.csv", "results.md", "paths.png"):
         assert (tmp_path / "convergence" / name).stat().st_size > 0
-    assert "| gradient descent | 0.1 | exploded | 6 |" in done.stdout
+    assert re.search(r"^gradient descent\s+0\.1\s+exploded\s+6\s", done.stdout, re.M), done.stdout
+    assert max(map(len, done.stdout.splitlines())) <= 100  # fits a terminal
 
 
 def test_cli_lists_experiments_and_rejects_bad_arguments():
@@ -89,8 +91,11 @@ def test_cli_lists_experiments_and_rejects_bad_arguments():
     cli = [sys.executable, "-m", "optiscope.experiments.cli"]
     listed = subprocess.run([*cli, "list"], capture_output=True, text=True, timeout=120, env=env)
     assert listed.returncode == 0
-    for name in ("convergence", "rosenbrock", "housing", "momentum", "boston"):
+    for name in NAMES:
         assert name in listed.stdout
+    names = subprocess.run([*cli, "list", "--names"], capture_output=True, text=True, timeout=120)
+    assert names.stdout.split() == list(NAMES)
+    assert set(NAMES) == {"convergence", "rosenbrock", "momentum", "housing", "boston"}
     bad = subprocess.run(
         [*cli, "run", "nope"], capture_output=True, text=True, timeout=120, env=env
     )

@@ -30,8 +30,9 @@ class Sink:
     def log_artifact(self, path, artifact_path=None):
         """A local file kept with the run."""
 
-    def log_layout(self, charts):
-        """`charts`: mapping of chart title to the list of tags it draws together."""
+    def log_layout(self, charts, category="optimizer"):
+        """`charts`: mapping of chart title to the list of tags it draws together, shown
+        under the heading `category`."""
 
     def log_hparams(self, hparams, metrics):
         """Hyperparameters and final metrics of the run, for side-by-side comparison."""
@@ -44,6 +45,24 @@ class Sink:
 
     def close(self, status="FINISHED"):
         """Ends the run with `status` (FINISHED, FAILED or KILLED); idempotent."""
+
+    def child(self, name, tags=None, nested=True):
+        """A sink for a run under this one, named `name` (e.g. one setting of a comparison):
+        a subdirectory in TensorBoard, a run nested under this one in MLflow (`nested=False`:
+        a top-level run of the same experiment). `tags` mark the run where the back end keeps
+        tags. The caller closes the child."""
+        return NullSink()
+
+    def location(self):
+        """Where this sink writes, for a person to open (a path or URL), or None."""
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        self.close("FINISHED" if value is None else status_of(value))
+        return False
 
 
 class NullSink(Sink):
@@ -89,8 +108,8 @@ class SinkList(Sink):
     def log_artifact(self, path, artifact_path=None):
         self._each("log_artifact", path, artifact_path)
 
-    def log_layout(self, charts):
-        self._each("log_layout", charts)
+    def log_layout(self, charts, category="optimizer"):
+        self._each("log_layout", charts, category)
 
     def log_hparams(self, hparams, metrics):
         self._each("log_hparams", hparams, metrics)
@@ -103,6 +122,29 @@ class SinkList(Sink):
 
     def close(self, status="FINISHED"):
         self._each("close", status)
+
+    def child(self, name, tags=None, nested=True):
+        children = []
+        for sink in self.sinks:
+            try:
+                children.append(sink.child(name, tags=tags, nested=nested))
+            except Exception as err:  # a tracking failure never stops training
+                warnings.warn(
+                    f"optiscope: {type(sink).__name__}.child failed and was skipped: "
+                    f"{type(err).__name__}: {err}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return SinkList(children)
+
+    def location(self):
+        places = [place for sink in self.sinks if (place := sink.location())]
+        return ", ".join(places) or None
+
+
+def status_of(exception):
+    """FAILED, or KILLED for Ctrl-C."""
+    return "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
 
 
 def check_status(status):

@@ -192,11 +192,21 @@ def deliver_records(client, run_id, records, owns_run=True):
             client.set_terminated(run_id, record["status"], end_time=record.get("time"))
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""The tag by which the MLflow 3 UI opens an experiment on its training runs (not GenAI traces)."""
+
+
 def experiment_id(client, name):
+    """The id of experiment `name` (created, and tagged as a training experiment, if needed)."""
     if name is None:
         return "0"
     experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+    for key, value in EXPERIMENT_KIND.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 # ---------------------------------------------------------------------- replay

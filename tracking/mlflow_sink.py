@@ -144,9 +144,11 @@ class MlflowSink(Sink):
         self.last_error = None
         self.rejected = 0
         self._params = {}
+        self.start_time = now_ms()  # the run's start, whenever the server learns of it
         self._named_keys = set()  # rewritten keys whose full names were logged
 
         self.run_id = run_id
+        self.experiment_id = None
         self._owns_run = run_id is None
         self._reopen = run_id is not None
         active = mlflow.active_run()
@@ -242,8 +244,9 @@ class MlflowSink(Sink):
     def log_event(self, message, step):
         self.set_tags({"optiscope.event": message[:5000], "optiscope.event_step": step})
 
-    def child(self, run_name, **kwargs):
-        """A sink for a run nested under this one (e.g. one optimizer setting of a comparison)."""
+    def child(self, name, tags=None, nested=True, **kwargs):
+        """A sink for a run nested under this one (e.g. one optimizer setting of a comparison);
+        `nested=False`: a top-level run of the same experiment."""
         options = dict(
             tracking_uri=self.tracking_uri,
             experiment_name=self.experiment_name,
@@ -254,7 +257,13 @@ class MlflowSink(Sink):
             flush_interval=self.flush_interval,
         )
         options.update(kwargs)
-        return MlflowSink(run_name=run_name, parent=self, **options)
+        parent = self if nested else None
+        return MlflowSink(run_name=name, parent=parent, tags=tags, **options)
+
+    def location(self):
+        uri = self.tracking_uri or _default_tracking_uri()
+        experiment = self.experiment_name or "Default"
+        return f"MLflow {uri}, experiment {experiment!r}, run {self.run_name!r}"
 
     def flush(self, timeout=None):
         """Tries to deliver everything queued; returns True if nothing is left."""
@@ -277,7 +286,7 @@ class MlflowSink(Sink):
         check_status(status)
         if self._closed:
             return
-        self._enqueue({"kind": "end", "status": status})
+        self._enqueue({"kind": "end", "status": status, "time": now_ms()})
         delivered = self.flush()
         self._closed = True
         self._wake.set()
@@ -313,7 +322,7 @@ class MlflowSink(Sink):
             self._journal.append(record)
             self._pending.append(record)
             self._waiting_metrics += len(record.get("metrics", ()))
-            urgent = self._waiting_metrics >= MAX_METRICS
+            urgent = self._waiting_metrics >= MAX_METRICS or self.run_id is None
         if self.asynchronous:
             if self._worker is None:
                 self._worker = threading.Thread(
@@ -394,7 +403,10 @@ class MlflowSink(Sink):
             elif self.parent is not None:
                 tags["mlflow.parentRunId"] = self.parent
             experiment = experiment_id(self._client, self.experiment_name)
-            run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
+            self.experiment_id = experiment
+            run = self._client.create_run(
+                experiment, start_time=self.start_time, run_name=self.run_name, tags=tags
+            )
             self.run_id = run.info.run_id
             self._journal.append({"kind": "run_id", "run_id": self.run_id, "owns_run": True})
             return self.run_id
@@ -408,3 +420,9 @@ def _rejected(error):
     """True for errors the server will repeat (a bad request), not outages."""
     code = getattr(error, "error_code", "")
     return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS")
+
+
+def _default_tracking_uri():
+    import mlflow
+
+    return mlflow.get_tracking_uri()

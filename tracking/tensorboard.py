@@ -40,11 +40,14 @@ class TensorBoardSink(Sink):
     Args:
         logdir: the TensorBoard log directory. Defaults to "runs".
         run_name: the run's directory under `logdir`. Defaults to a time-stamped name.
-        subdir: this sink's directory inside the run. Defaults to "optiscope".
+        subdir: this sink's directory inside the run. Defaults to "optiscope"; None writes
+            into the run's directory itself.
         flush_secs: how often the writer thread flushes. Defaults to 5.
         purge_step: continue an existing run directory from this step: TensorBoard drops the
             points the run's earlier files have at this step and later (e.g. those logged after
             the checkpoint a training resumes from). Defaults to None.
+
+    `child(name)` writes into `<logdir>/<run_name>/<name>`, a run of its own in TensorBoard.
     """
 
     def __init__(
@@ -57,15 +60,28 @@ class TensorBoardSink(Sink):
     ):
         if not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"Argument `logdir` must be a path. Received: logdir={logdir!r}")
+        self.logdir = logdir
         self.run_name = check_name("run_name", run_name) or naming.run_name()
-        check_path("subdir", check_name("subdir", subdir, optional=False))
-        self.path = writable_directory("logdir", os.path.join(logdir, self.run_name, subdir))
+        if subdir is not None:
+            check_path("subdir", check_name("subdir", subdir, optional=False))
+        self.subdir = subdir
+        path = os.path.join(logdir, self.run_name, *([subdir] if subdir else []))
+        self.path = writable_directory("logdir", path)
         self.flush_secs = check_positive("flush_secs", flush_secs)
         if purge_step is not None:
             purge_step = check_positive_int("purge_step", purge_step)
         self.purge_step = purge_step
         self._writer = None
+        self._layout = {}
         self._lock = threading.Lock()
+
+    def child(self, name, tags=None, nested=True):
+        return TensorBoardSink(
+            self.logdir, f"{self.run_name}/{name}", subdir=None, flush_secs=self.flush_secs
+        )
+
+    def location(self):
+        return self.path
 
     def _write(self, summary, step):
         with self._lock:
@@ -108,20 +124,26 @@ class TensorBoardSink(Sink):
             summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=image)]), step
         )
 
-    def log_layout(self, charts):
-        category = layout_pb2.Category(
-            title="optimizer",
-            chart=[
-                layout_pb2.Chart(
-                    title=title,
-                    multiline=layout_pb2.MultilineChartContent(
-                        tag=[f"^{re.escape(tag)}$" for tag in tags]
-                    ),
-                )
-                for title, tags in charts.items()
-            ],
-        )
-        self._write(custom_scalar_summary.pb(layout_pb2.Layout(category=[category])), 0)
+    def log_layout(self, charts, category="optimizer"):
+        """Adds `charts` under `category` to this run's custom-scalar layout (TensorBoard
+        keeps the latest layout of a run, so the whole layout is written again)."""
+        self._layout.setdefault(category, {}).update(charts)
+        categories = [
+            layout_pb2.Category(
+                title=title,
+                chart=[
+                    layout_pb2.Chart(
+                        title=chart,
+                        multiline=layout_pb2.MultilineChartContent(
+                            tag=[f"^{re.escape(tag)}$" for tag in tags]
+                        ),
+                    )
+                    for chart, tags in group.items()
+                ],
+            )
+            for title, group in self._layout.items()
+        ]
+        self._write(custom_scalar_summary.pb(layout_pb2.Layout(category=categories)), 0)
 
     def log_hparams(self, hparams, metrics):
         values = {name: _hparam_value(value) for name, value in hparams.items()}
