@@ -13,9 +13,12 @@ from optiscope.optimizers.measures import STATISTICS
 from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, TensorBoardSink, naming
 from optiscope.tracking.mlflow_sink import check_tracking_uri
 from optiscope.tracking.tensorboard import DEFAULT_LOGDIR, writable_directory
+from optiscope.tracking.views import CompactViews, groups_per_statistic
 
 FIELDS = ("last", "mean", "max")
 DEFAULT_INTERVAL = 100
+COMPACT = ("auto", True, False)
+COMPACT_ABOVE = 10  # `compact="auto"`: compact views once a statistic has more groups than this
 PREFIX = "optimizer"
 # Aggregates put into Keras' `logs` every epoch (so History, CSVLogger, the progress bar and
 # Keras' TensorBoard callback record them): log key -> (statistic, how to combine groups).
@@ -82,6 +85,12 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         interval: read every this many steps. Defaults to 100.
         fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
+        compact: one view per statistic across variables, for models with many: a histogram
+            over the variables at each read (`optimizer/<statistic>/across_variables`) and a
+            variable x step heat-map image at each epoch's end (`optimizer/<statistic>/heatmap`,
+            in MLflow a PNG artifact); the custom-scalar layout then keeps only charts of at
+            most 10 lines. `"auto"`: when a statistic has more than 10 groups (variables or
+            layers). Defaults to `"auto"`.
         logdir, run_name, tracking_uri, experiment_name: for the default sinks.
         params: extra parameters to log (e.g. a description of the data).
     """
@@ -94,6 +103,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         interval=DEFAULT_INTERVAL,
         fields=("mean",),
         histograms=False,
+        compact="auto",
         logdir=DEFAULT_LOGDIR,
         run_name=None,
         tracking_uri=None,
@@ -121,6 +131,11 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             check_tracking_uri(tracking_uri)
         self._given_sinks = sinks
         self.histograms = bool(histograms)
+        if not (isinstance(compact, bool) or compact == "auto"):
+            raise ValueError(
+                f"Argument `compact` must be one of {COMPACT}. Received: compact={compact!r}"
+            )
+        self.compact = compact
         self.logdir = logdir
         self.run_name = run_name
         self.tracking_uri = tracking_uri
@@ -156,6 +171,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self._last_read = 0
         self._layout_written = False
         self._epoch_window = {}
+        self._views = None  # CompactViews, or False; decided at the first read
         self.sinks.log_params(self._describe())
 
     def on_train_end(self, logs=None):
@@ -196,6 +212,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             logs.update(self._epoch_aggregates())
             keras_logs = {k: float(v) for k, v in logs.items() if _is_number(v)}
             self.sinks.log_metrics(keras_logs, step=epoch + 1)
+        self._log_heatmaps()
         if self.histograms:
             self.sinks.log_histograms(
                 {
@@ -228,10 +245,25 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             window[1] += stats.steps
             window[2] = max(window[2], summary.max)
             window[3] = summary.last
+        if self._views is None:
+            many = groups_per_statistic(stats.keys()) > COMPACT_ABOVE
+            wanted = self.compact is True or (self.compact == "auto" and many)
+            self._views = CompactViews() if wanted else False
         if not self._layout_written:
-            self.sinks.log_layout(_charts(metrics))
+            charts = _charts(metrics)
+            if self._views:
+                charts = {t: tags for t, tags in charts.items() if len(tags) <= COMPACT_ABOVE}
+            self.sinks.log_layout(charts)
             self._layout_written = True
         self.sinks.log_metrics(metrics, step=stats.step)
+        if self._views:
+            self.sinks.log_histograms(self._views.add(stats), step=stats.step)
+
+    def _log_heatmaps(self):
+        with self._lock:
+            if self._views and self._views.steps:
+                for name, figure in self._views.heatmaps().items():
+                    self.sinks.log_figure(name, figure, step=self._views.steps[-1])
 
     def _epoch_aggregates(self):
         aggregates = {}
