@@ -44,3 +44,73 @@ def california_mlp():
             keras.layers.Dense(1),
         ]
     )
+
+
+def small_cnn():
+    """Two Conv2D + pooling blocks, Dense 64, Dense 10, on 28 x 28 x 1 inputs (8 variables)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(32, 3, activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+
+
+def dense_stack(layers, width=32, inputs=32):
+    """`layers` Dense layers of `width` units (ReLU between them): 2 * `layers` variables."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    stack = [keras.layers.Dense(width, activation="relu") for _ in range(layers - 1)]
+    return keras.Sequential([keras.Input((inputs,)), *stack, keras.layers.Dense(width)])
+
+
+def deep_mlp():
+    """50 Dense layers of width 32 and a Dense(1) output: 102 variables."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((32,)),
+            *[keras.layers.Dense(32, activation="relu") for _ in range(50)],
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+def workload(kind):
+    """`(build_model, loss, x, y)` of one of the benchmark models: "mlp" (8 -> 64 -> 64 -> 1,
+    645 steps of 32), "cnn" (`small_cnn`, 200 steps) or "deep" (`deep_mlp`, 200 steps)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    if kind == "mlp":
+        x = rng.normal(size=(20640, 8)).astype("float32")
+        return california_mlp, "mse", x, rng.normal(size=(20640, 1)).astype("float32")
+    if kind == "cnn":
+        x = rng.normal(size=(6400, 28, 28, 1)).astype("float32")
+        y = rng.integers(0, 10, size=(6400,))
+        return small_cnn, keras_sparse_ce(), x, y
+    if kind == "deep":
+        x = rng.normal(size=(6400, 32)).astype("float32")
+        return deep_mlp, "mse", x, rng.normal(size=(6400, 1)).astype("float32")
+    raise ValueError(f"Argument `model` must be one of {MODELS}. Received: model={kind!r}")
+
+
+MODELS = ("mlp", "cnn", "deep")
+
+
+def keras_sparse_ce():
+    import keras
+
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -1,12 +1,11 @@
-"""Cost of logging in `model.fit`: optiscope's logger against Keras' and MLflow's callbacks.
+"""Cost of logging in `model.fit`: optiscope's logger against Keras' TensorBoard callback.
 
-Every variant trains the same MLP on California-housing-shaped data (8 -> 64 -> 64 -> 1,
-batch 32, 645 steps per epoch) with Adam; each timed call is one `fit` of EPOCHS epochs (one
-tracked run, set-up and delivery included); calls are timed in interleaved rounds and compared
-by their medians. Back ends are local: TensorBoard event files and an MLflow SQLite store in a
-temporary directory.
+Models as in `instrumentation_overhead.py` ("mlp", "cnn", "deep"; Adam, batch 32). Each timed
+call is one `fit` of EPOCHS epochs (one tracked run, set-up and delivery included); calls are
+timed in interleaved rounds and compared by their medians. Back ends are local: TensorBoard
+event files and an MLflow SQLite store in a temporary directory.
 
-    python benchmarks/logging_overhead.py [--rounds 5]
+    python benchmarks/logging_overhead.py [--models mlp cnn deep] [--rounds 3]
 """
 
 import argparse
@@ -17,7 +16,6 @@ import warnings
 import _timing
 import keras
 import mlflow
-import numpy as np
 
 from optiscope.callbacks import OptimizerStatsLogger
 from optiscope.optimizers import InstrumentedAdam
@@ -26,96 +24,88 @@ from optiscope.tracking import MlflowSink, TensorBoardSink
 EPOCHS = 3
 
 
-def build(optimizer):
-    model = _timing.california_mlp()
-    model.compile(optimizer=optimizer, loss="mse")
-    return model
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", choices=_timing.MODELS, default=_timing.MODELS)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="optiscope-bench-")
     uri = f"sqlite:///{work}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(20640, 8)).astype("float32")
-    y = rng.normal(size=(20640, 1)).astype("float32")
 
-    def optiscope_logger(interval, name, mlflow_sink=True):
+    def default_logger():
+        return [OptimizerStatsLogger(logdir=f"{work}/tb", tracking_uri=uri)]
+
+    def one_sink(kind, statistics_interval=100):
         def callbacks():
-            sinks = [TensorBoardSink(logdir=f"{work}/tb", run_name=name)]
-            if mlflow_sink:
-                sinks.append(MlflowSink(tracking_uri=uri, run_name=name))
-            return [OptimizerStatsLogger(sinks=sinks, interval=interval)]
+            sink = (
+                TensorBoardSink(logdir=f"{work}/tb")
+                if kind == "tensorboard"
+                else MlflowSink(tracking_uri=uri)
+            )
+            return [OptimizerStatsLogger(sinks=[sink], interval=statistics_interval)]
 
         return callbacks
 
-    def keras_tensorboard():
-        return [
-            keras.callbacks.TensorBoard(
-                log_dir=f"{work}/keras", update_freq="batch", histogram_freq=1
-            )
-        ]
+    def every_10_steps():
+        return [OptimizerStatsLogger(logdir=f"{work}/tb", tracking_uri=uri, interval=10)]
 
-    def mlflow_callback():
-        return [mlflow.keras.MlflowCallback(log_every_epoch=False, log_every_n_steps=1)]
+    def keras_tensorboard():
+        return [keras.callbacks.TensorBoard(log_dir=f"{work}/keras", histogram_freq=1)]
 
     variants = {
-        "no logging": (keras.optimizers.Adam(1e-3), lambda: []),
-        "optiscope, all statistics, both sinks, every 100 steps (default)": (
-            InstrumentedAdam(1e-3, statistics="all"),
-            optiscope_logger(100, "i100"),
+        "no logging": (lambda: keras.optimizers.Adam(1e-3), lambda: []),
+        "OptimizerStatsLogger() default: both sinks, every 100 steps": (
+            lambda: InstrumentedAdam(1e-3),
+            default_logger,
         ),
-        "optiscope, all statistics, both sinks, every 10 steps": (
-            InstrumentedAdam(1e-3, statistics="all"),
-            optiscope_logger(10, "i10"),
+        "  the same, TensorBoard sink only": (
+            lambda: InstrumentedAdam(1e-3),
+            one_sink("tensorboard"),
         ),
-        "optiscope, all statistics, TensorBoard only, every 10 steps": (
-            InstrumentedAdam(1e-3, statistics="all"),
-            optiscope_logger(10, "tb10", mlflow_sink=False),
+        "  the same, MLflow sink only": (lambda: InstrumentedAdam(1e-3), one_sink("mlflow")),
+        "all statistics, both sinks, every 10 steps": (
+            lambda: InstrumentedAdam(1e-3, statistics="all"),
+            every_10_steps,
         ),
-        "optiscope, default statistics, both sinks, every 100 steps": (
-            InstrumentedAdam(1e-3),
-            optiscope_logger(100, "d100"),
-        ),
-        "keras TensorBoard(update_freq='batch', histogram_freq=1)": (
-            keras.optimizers.Adam(1e-3),
+        "keras TensorBoard(histogram_freq=1)": (
+            lambda: keras.optimizers.Adam(1e-3),
             keras_tensorboard,
         ),
-        "mlflow MlflowCallback(log_every_n_steps=1)": (
-            keras.optimizers.Adam(1e-3),
-            mlflow_callback,
-        ),
     }
-    models = {name: build(optimizer) for name, (optimizer, _) in variants.items()}
-    series = {}
+    runs, series = {}, {}
+    for kind in args.models:
+        build, loss, x, y = _timing.workload(kind)
+        for name, (make_optimizer, callbacks) in variants.items():
+            model = build()
+            model.compile(optimizer=make_optimizer(), loss=loss)
 
-    def fit(name):
-        callbacks = variants[name][1]()
-        if name.startswith("mlflow"):
-            with mlflow.start_run():
-                models[name].fit(x, y, batch_size=32, epochs=EPOCHS, verbose=0, callbacks=callbacks)
-        else:
-            models[name].fit(x, y, batch_size=32, epochs=EPOCHS, verbose=0, callbacks=callbacks)
-        if name.startswith("optiscope"):
-            series[name] = len(models[name].optimizer.statistic_keys)
+            def fit(model=model, callbacks=callbacks, x=x, y=y, key=(kind, name)):
+                logged = callbacks()
+                model.fit(x, y, batch_size=32, epochs=EPOCHS, verbose=0, callbacks=logged)
+                if logged and isinstance(logged[0], OptimizerStatsLogger):
+                    series[key] = len(model.optimizer.statistic_keys)
+                elif logged:
+                    series[key] = f"loss + {len(model.trainable_variables)} histograms"
+
+            runs[kind, name] = fit
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in variants:
-            fit(name)  # trace and warm up
-        times = _timing.interleaved({name: lambda n=name: fit(n) for name in variants}, args.rounds)
+        for fit in runs.values():
+            fit()  # trace and warm up
+        times = _timing.interleaved(runs, args.rounds)
 
-    base = times["no logging"]
-    print(f"# logging overhead in model.fit; {_timing.machine()}")
-    print(f"{'variant':<66}{'s/epoch':>9}{'ratio':>8}")
-    for name, t in times.items():
-        print(f"{name:<66}{t / EPOCHS:>9.3f}{t / base:>7.3f}x")
-    for name, count in series.items():
-        print(f"{name}: {count} statistic series per read")
-    print(f"(work directory: {work})")
+    print(f"# logging overhead in model.fit, {EPOCHS} epochs a call; {_timing.machine()}")
+    for kind in args.models:
+        base = times[kind, "no logging"]
+        print(f"\n{kind}")
+        print(f"{'variant':<62}{'s/epoch':>9}{'ratio':>8}  series")
+        for (model, name), t in times.items():
+            if model == kind:
+                count = series.get((model, name), "-")
+                print(f"{name:<62}{t / EPOCHS:>9.3f}{t / base:>7.3f}x  {count}")
+    print(f"\n(work directory: {work})")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 

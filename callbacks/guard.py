@@ -5,9 +5,9 @@ import warnings
 
 import keras
 
-from optiscope.callbacks.logger import check_positive_int
 from optiscope.optimizers import unwrap
 from optiscope.tracking import NullSink, Sink, SinkList
+from optiscope.tracking._checks import check_choice, check_name, check_positive_int
 
 ACTIONS = ("stop", "warn")
 TRIGGERS = ("nonfinite", "nan")
@@ -36,30 +36,38 @@ class DivergenceGuard(keras.callbacks.Callback):
         self, action="stop", trigger="nonfinite", monitor="loss", sinks=None, check_every=1
     ):
         super().__init__()
-        if action not in ACTIONS:
-            raise ValueError(
-                f"Argument `action` must be one of {ACTIONS}. Received: action={action!r}"
-            )
-        if trigger not in TRIGGERS:
-            raise ValueError(
-                f"Argument `trigger` must be one of {TRIGGERS}. Received: trigger={trigger!r}"
-            )
-        self.action = action
-        self.trigger = trigger
-        self.monitor = monitor
+        self.action = check_choice("action", action, ACTIONS)
+        self.trigger = check_choice("trigger", trigger, TRIGGERS)
+        self.monitor = check_name("monitor", monitor, optional=False)
         self.check_every = check_positive_int("check_every", check_every)
         sinks = [] if sinks is None else [sinks] if isinstance(sinks, Sink) else list(sinks)
+        bad = [s for s in sinks if not isinstance(s, Sink)]
+        if bad:
+            raise TypeError(
+                f"Argument `sinks` must be a Sink or a list of Sinks. Received: {bad[0]!r}"
+            )
         self.sinks = SinkList(sinks) if sinks else NullSink()
         self.report = None
 
     def on_train_begin(self, logs=None):
         self.optimizer = unwrap(self.model.optimizer)
         self.report = None
-        self._steps = 0
-        self._epoch_start = 0
+        start = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        self._steps = start
+        self._epoch_start = start
+        self._monitor_checked = False
 
     def on_epoch_end(self, epoch, logs=None):
         self._epoch_start = self._steps
+        if not self._monitor_checked and logs is not None:
+            self._monitor_checked = True
+            if self.monitor not in logs:
+                warnings.warn(
+                    f"optiscope: DivergenceGuard's `monitor` key {self.monitor!r} is not in the "
+                    f"logs of this training (keys: {sorted(logs)}); only gradients are checked",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def on_train_batch_end(self, batch, logs=None):
         self._steps = self._epoch_start + batch + 1

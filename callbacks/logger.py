@@ -1,7 +1,6 @@
 """`OptimizerStatsLogger`: reads an instrumented optimizer's statistics and hands them to sinks."""
 
 import math
-import numbers
 import threading
 
 import keras
@@ -10,9 +9,24 @@ import numpy as np
 from optiscope.callbacks import _runs
 from optiscope.optimizers import unwrap
 from optiscope.optimizers.measures import STATISTICS
-from optiscope.tracking import MlflowSink, NullSink, Sink, SinkList, TensorBoardSink, naming
+from optiscope.tracking import (
+    MlflowSink,
+    NullSink,
+    Sink,
+    SinkList,
+    TensorBoardSink,
+    journal,
+    naming,
+)
+from optiscope.tracking._checks import (
+    check_bool,
+    check_mapping,
+    check_name,
+    check_positive_int,
+    writable_directory,
+)
 from optiscope.tracking.mlflow_sink import check_tracking_uri
-from optiscope.tracking.tensorboard import DEFAULT_LOGDIR, writable_directory
+from optiscope.tracking.tensorboard import DEFAULT_LOGDIR
 from optiscope.tracking.views import CompactViews, groups_per_statistic
 
 FIELDS = ("last", "mean", "max")
@@ -32,18 +46,17 @@ LOG_KEYS = {
 }
 
 
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
-
-
-def default_sinks(logdir, run_name, tracking_uri, experiment_name):
+def default_sinks(logdir, run_name, tracking_uri, experiment_name, run_id=None, step=0):
+    """A `TensorBoardSink` and an `MlflowSink`; from optimizer step `step` > 0 (a resumed
+    training) TensorBoard drops what the run directory holds after that step."""
     return [
-        TensorBoardSink(logdir=logdir, run_name=run_name),
-        MlflowSink(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name),
+        TensorBoardSink(logdir=logdir, run_name=run_name, purge_step=step + 1 if step else None),
+        MlflowSink(
+            tracking_uri=tracking_uri,
+            experiment_name=experiment_name,
+            run_name=run_name,
+            run_id=run_id,
+        ),
     ]
 
 
@@ -79,6 +92,12 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
     It reads from Keras' callback thread (`async_safe`), so Keras keeps dispatching batches
     asynchronously. A run that ends by an exception or Ctrl-C is marked FAILED/KILLED.
 
+    Reads and points are keyed by the optimizer's step (`iterations`, read once when training
+    begins), so a training resumed from a checkpoint reads and logs at the steps an
+    uninterrupted one does; give it the same `run_name` (and the MLflow `run_id`) to continue
+    the same run in both UIs. When training begins, journals of MLflow runs left undelivered
+    by a process that died are named in a warning (see `optiscope replay --pending`).
+
     Args:
         sinks: a `Sink` or a list of them. Defaults to None: a `TensorBoardSink` under `logdir`
             and an `MlflowSink` to `tracking_uri`, both named `run_name`.
@@ -92,6 +111,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             most 10 lines. `"auto"`: when a statistic has more than 10 groups (variables or
             layers). Defaults to `"auto"`.
         logdir, run_name, tracking_uri, experiment_name: for the default sinks.
+        run_id: the default `MlflowSink` continues this MLflow run. Defaults to None.
         params: extra parameters to log (e.g. a description of the data).
     """
 
@@ -109,6 +129,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         tracking_uri=None,
         experiment_name=None,
         params=None,
+        run_id=None,
     ):
         super().__init__()
         self.interval = check_positive_int("interval", interval)
@@ -130,17 +151,18 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             writable_directory("logdir", logdir)
             check_tracking_uri(tracking_uri)
         self._given_sinks = sinks
-        self.histograms = bool(histograms)
+        self.histograms = check_bool("histograms", histograms)
         if not (isinstance(compact, bool) or compact == "auto"):
             raise ValueError(
                 f"Argument `compact` must be one of {COMPACT}. Received: compact={compact!r}"
             )
         self.compact = compact
         self.logdir = logdir
-        self.run_name = run_name
+        self.run_name = check_name("run_name", run_name)
         self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.extra_params = dict(params or {})  # Keras' set_params owns `self.params`
+        self.experiment_name = check_name("experiment_name", experiment_name)
+        self.run_id = check_name("run_id", run_id)
+        self.extra_params = check_mapping("params", params)  # Keras' set_params owns `params`
         self.sinks = NullSink()
         self._open = False
         self._lock = threading.Lock()  # batch-end hooks may run on several Keras threads
@@ -156,19 +178,29 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 f"{name} (or instrument(keras.optimizers.{name})), or one of optiscope's "
                 "optimizers."
             )
+        start = int(keras.ops.convert_to_numpy(self.optimizer.iterations))
         if is_chief(self.model):
             run_name = self.run_name or naming.run_name(type(self.optimizer).__name__)
             sinks = self._given_sinks or default_sinks(
-                self.logdir, run_name, self.tracking_uri, self.experiment_name
+                self.logdir,
+                run_name,
+                self.tracking_uri,
+                self.experiment_name,
+                run_id=self.run_id,
+                step=start,
             )
+            for spool_dir in {s.spool_dir for s in sinks if isinstance(s, MlflowSink)}:
+                journal.warn_pending(spool_dir)
             self.sinks = SinkList(sinks)
         else:
             self.sinks = NullSink()
         self._open = True
         _runs.register(self)
-        self._batches = 0
-        self._epoch_start = 0
-        self._last_read = 0
+        # Steps count from the optimizer's step, read once: reading it every batch would wait
+        # for the device.
+        self._batches = start
+        self._epoch_start = start
+        self._last_read = start
         self._layout_written = False
         self._epoch_window = {}
         self._views = None  # CompactViews, or False; decided at the first read

@@ -64,10 +64,20 @@ def main(argv=None):
     server.add_argument("--workers", type=_positive_int, default=2, help="MLflow's (default 2)")
 
     replay = commands.add_parser(
-        "replay", help="write a spool file of undelivered MLflow records into a tracking server"
+        "replay", help="deliver a journal of undelivered MLflow records (complete its run)"
     )
-    replay.add_argument("spool", help="the .jsonl file named in the warning")
-    replay.add_argument("--tracking-uri", default=None, help="target (default: MLflow's default)")
+    replay.add_argument("spool", nargs="?", help="the .jsonl journal named in the warning")
+    replay.add_argument(
+        "--pending",
+        action="store_true",
+        help="every journal in --spool-dir whose process died before delivering it",
+    )
+    replay.add_argument(
+        "--spool-dir", default="optiscope-spool", help="for --pending (default optiscope-spool)"
+    )
+    replay.add_argument(
+        "--tracking-uri", default=None, help="target (default: the server the run was logged to)"
+    )
     replay.add_argument("--experiment", default=None, help="experiment name (default: as logged)")
 
     args = parser.parse_args(argv)
@@ -144,17 +154,24 @@ def _run(args):
 
 
 def _replay(args):
-    from optiscope.tracking import replay
+    from optiscope.tracking import pending, replay
 
-    if not os.path.isfile(args.spool):
-        print(f"optiscope replay: no such spool file: {args.spool}", file=sys.stderr)
+    if (args.spool is None) == (not args.pending):
+        print("optiscope replay: give a journal file or --pending (not both)", file=sys.stderr)
         return 2
-    try:
-        run_id = replay(args.spool, tracking_uri=args.tracking_uri, experiment_name=args.experiment)
-    except ValueError as err:
-        print(f"optiscope replay: {err}", file=sys.stderr)
-        return 2
-    print(f"replayed {args.spool} into run {run_id}")
+    paths = pending(args.spool_dir) if args.pending else [args.spool]
+    if args.pending and not paths:
+        print(f"nothing to replay in {args.spool_dir}")
+    for path in paths:
+        if not os.path.isfile(path):
+            print(f"optiscope replay: no such spool file: {path}", file=sys.stderr)
+            return 2
+        try:
+            run_id = replay(path, tracking_uri=args.tracking_uri, experiment_name=args.experiment)
+        except ValueError as err:
+            print(f"optiscope replay: {err}", file=sys.stderr)
+            return 2
+        print(f"replayed {path} into run {run_id}")
     return 0
 
 

@@ -2,28 +2,12 @@
 what is allowed and what was received."""
 
 import math
-import numbers
 
 from keras.optimizers.schedules import LearningRateSchedule
 
+from optiscope.tracking._checks import check_in_range, check_positive_int, is_number
 
-def _interval(low, high, low_closed, high_closed):
-    return f"{'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}"
-
-
-def check_in_range(name, value, low, high, *, low_closed=True, high_closed=False):
-    """Returns `value` as a float, or raises `ValueError` when it is outside the interval."""
-    allowed = _interval(low, high, low_closed, high_closed)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(
-            f"Argument `{name}` must be a number in {allowed}. Received: {name}={value!r}"
-        )
-    value = float(value)
-    above = value >= low if low_closed else value > low
-    below = value <= high if high_closed else value < high
-    if math.isnan(value) or not (above and below):
-        raise ValueError(f"Argument `{name}` must be in {allowed}. Received: {name}={value!r}")
-    return value
+__all__ = ["check_hyperparameters", "check_in_range", "check_learning_rate", "check_positive_int"]
 
 
 def check_learning_rate(value):
@@ -33,9 +17,30 @@ def check_learning_rate(value):
     return check_in_range("learning_rate", value, 0, math.inf, low_closed=False)
 
 
-def check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
+# The hyperparameters of Keras' built-in optimizers that Keras accepts unchecked (or checks with
+# a misleading message): name -> (low, high, low_closed, high_closed).
+HYPERPARAMETER_RANGES = {
+    "beta_1": (0, 1, True, False),
+    "beta_2": (0, 1, True, False),
+    "epsilon": (0, math.inf, False, False),
+    "momentum": (0, 1, True, False),
+    "rho": (0, 1, True, False),
+    "weight_decay": (0, math.inf, True, False),
+    "initial_accumulator_value": (0, math.inf, True, False),
+    "clipnorm": (0, math.inf, False, False),
+    "clipvalue": (0, math.inf, False, False),
+    "global_clipnorm": (0, math.inf, False, False),
+    "ema_momentum": (0, 1, True, True),
+}
+
+
+def check_hyperparameters(arguments):
+    """Checks the numeric hyperparameters in `arguments` (name -> value) that Keras' built-in
+    optimizers take; values that are not plain numbers (tensors, variables, None) are left to
+    Keras."""
+    if "learning_rate" in arguments and is_number(arguments["learning_rate"]):
+        check_learning_rate(arguments["learning_rate"])
+    for name, (low, high, low_closed, high_closed) in HYPERPARAMETER_RANGES.items():
+        value = arguments.get(name)
+        if value is not None and (is_number(value) or isinstance(value, str)):
+            check_in_range(name, value, low, high, low_closed=low_closed, high_closed=high_closed)

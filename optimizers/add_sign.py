@@ -18,7 +18,8 @@ class AddSign(SignRule):
     w <- w - lr * (alpha + d(t) * sign(g) * sign(m)) * g
     ```
     `d(t)` is the sign decay at the 0-based step `t`. Matches TensorFlow's fused
-    `ResourceApplyAddSign` kernel. Sparse gradients are densified. Natural statistic:
+    `ResourceApplyAddSign` kernel, which runs it on the TensorFlow backend for dense float32
+    and float64 gradients. Sparse gradients are densified. Natural statistic:
     `sign_agreement`.
 
     Args:
@@ -59,6 +60,18 @@ class AddSign(SignRule):
 
     def _multiplier(self, scaled_agreement, dtype):
         return ops.add(ops.convert_to_tensor(self.alpha, dtype), scaled_agreement)
+
+    def _fused_kernel(self, dtype):
+        import tensorflow as tf
+
+        alpha = ops.convert_to_tensor(self.alpha, dtype)
+
+        def apply(var, m, lr, sign_decay, beta, grad):
+            tf.raw_ops.ResourceApplyAddSign(
+                var=var, m=m, lr=lr, alpha=alpha, sign_decay=sign_decay, beta=beta, grad=grad
+            )
+
+        return apply
 
     def get_config(self):
         config = super().get_config()

@@ -9,8 +9,10 @@ the sum (for the mean), the max, a running total and the first step at which eac
 non-finite. `optimizer.statistics()` reads all of it in one device-to-host transfer.
 """
 
+import collections
 import dataclasses
 import functools
+import inspect
 import re
 
 import keras
@@ -19,6 +21,7 @@ from keras import ops
 
 from optiscope.optimizers import measures
 from optiscope.optimizers._common import dense_gradient
+from optiscope.optimizers._validation import check_hyperparameters
 
 AGGREGATIONS = ("variable", "layer", "global")
 _IGNORED_SLOTS = {"average", "gradient_accumulator"}  # base-class EMA and accumulation buffers
@@ -115,20 +118,35 @@ def _patterns(name, value):
     return tuple(compiled)
 
 
+@dataclasses.dataclass(eq=False)
 class _Plan:
     """Plain (untracked) holder of the instrumentation's settings, layout and state."""
 
-    def __init__(self, statistics, include, exclude, aggregation):
-        self.statistics = statistics
-        self.include = include
-        self.exclude = exclude
-        self.aggregation = aggregation
-        self.recorded_slots = None  # variable key -> {slot: variable}, filled during build
-        self.rows = {}  # var index -> row in the selected variables
-        self.trace = {}  # per-trace scratch: pre-decay values, all-reduced gradients
-        self.reader = None
-        self.marks = None
-        self.state = None
+    statistics: tuple  # the requested statistic names, `default`/`all` expanded
+    include: tuple  # compiled patterns
+    exclude: tuple
+    aggregation: str
+    recorded_slots: dict | None = None  # variable key -> {slot: variable}, filled during build
+    trace: dict = dataclasses.field(default_factory=dict)  # per-trace scratch (see train step)
+    # Filled when the statistics are built:
+    rows: dict = dataclasses.field(default_factory=dict)  # var index -> row in `selected`
+    selected_variables: list = dataclasses.field(default_factory=list)
+    paths: list = dataclasses.field(default_factory=list)  # their keys
+    selected_slots: list = dataclasses.field(default_factory=list)  # per row: {slot: variable}
+    own_previous: dict = dataclasses.field(default_factory=dict)  # var index -> own slot
+    statistic_list: list = dataclasses.field(default_factory=list)  # `measures.Statistic`s
+    quantities: list = dataclasses.field(default_factory=list)  # names, in column order
+    global_names: list = dataclasses.field(default_factory=list)
+    membership: np.ndarray | None = None  # groups x variables, None for per-variable groups
+    keys: list = dataclasses.field(default_factory=list)  # (statistic, group) per entry
+    needs_old: bool = False
+    needs_previous: bool = False
+    needs_sign: bool = False
+    layout: "_Layout | None" = None
+    state: object = None  # the state variable (see `_Layout`)
+    marks: object = None  # the readers' marks variable
+    reader: object = None  # compiled `_read_state`
+    step_values: object = None  # compiled `_step_state`
 
 
 class Instrumented:
@@ -151,6 +169,7 @@ class Instrumented:
     _previous_gradient_slot = None  # a slot that already holds the previous gradient
     _sign_reference_slot = None  # the first-moment slot `sign_agreement` compares with
     _natural_statistics = ()  # added to the defaults for this optimizer
+    _keras_builtin = None  # the Keras optimizer class whose hyperparameters are checked
 
     def __init__(
         self,
@@ -161,6 +180,8 @@ class Instrumented:
         aggregation="variable",
         **kwargs,
     ):
+        if self._keras_builtin is not None:
+            check_hyperparameters(_arguments(self._keras_builtin, args, kwargs))
         super().__init__(*args, **kwargs)
         if aggregation not in AGGREGATIONS:
             raise ValueError(
@@ -168,10 +189,10 @@ class Instrumented:
                 f"Received: aggregation={aggregation!r}"
             )
         self._optiscope = _Plan(
-            self._validate_statistics(statistics),
-            _patterns("include", include),
-            _patterns("exclude", exclude),
-            aggregation,
+            statistics=self._validate_statistics(statistics),
+            include=_patterns("include", include),
+            exclude=_patterns("exclude", exclude),
+            aggregation=aggregation,
         )
         self._optiscope_config = {
             "statistics": statistics
@@ -330,7 +351,7 @@ class Instrumented:
         if "update_sq" in quantities:
             global_names.append("global_update_norm")
         keys = [(s.name, g) for s in statistics for g in groups] + [(n, None) for n in global_names]
-        size = len(keys)
+        layout = _Layout(len(keys))
 
         plan.rows = {index: row for row, (index, _) in enumerate(selected)}
         plan.selected_variables = [v for _, v in selected]
@@ -345,15 +366,17 @@ class Instrumented:
         plan.needs_old = bool(set(quantities) & measures.NEEDS_OLD_VALUE)
         plan.needs_previous = bool(set(quantities) & measures.NEEDS_PREVIOUS_GRADIENT)
         plan.needs_sign = bool(set(quantities) & measures.NEEDS_SIGN_REFERENCE)
+        plan.layout = layout
+        plan.step_values = _compiled(self._step_state, jit_compile=True)
         plan.state = self.add_variable(
-            shape=(_ROWS * size + _HEADER,),
-            initializer=keras.initializers.Constant(_initial_state(size)),
+            shape=(layout.state_size,),
+            initializer=keras.initializers.Constant(layout.initial_state()),
             dtype="float64",
             aggregation="only_first_replica",
             name=_OWN_PREFIX + "statistics",
         )
         plan.marks = self.add_variable(
-            shape=(_MARK_ROWS * size + _MARK_HEADER,),
+            shape=(layout.marks_size,),
             initializer="zeros",
             dtype="float64",
             aggregation="only_first_replica",
@@ -436,30 +459,44 @@ class Instrumented:
     def _measure(self, inputs, learning_rate):
         """Quantities of every measured variable, then the fold into the state."""
         plan = self._optiscope
-        rows = []
-        selected = plan.selected_variables
-        for variable, (gradient, old, previous) in zip(selected, inputs, strict=True):
-            index = self._get_variable_index(variable)
+        steps = []
+        for index, variable in enumerate(plan.selected_variables):
+            gradient, old, previous = inputs[index]
+            slots = {name: _read(slot) for name, slot in plan.selected_slots[index].items()}
             if gradient is None:  # no gradient this step: measured as a zero gradient
                 value = _read(variable)
-                zero = ops.zeros_like(value)
-                rows.append(self._quantities(index, zero, value, value, zero))
+                steps.append((None, value, value, slots, None))
                 continue
-            rows.append(self._quantities(index, gradient, old, variable, previous))
-            if index in plan.own_previous:
-                self.assign(plan.own_previous[index], gradient)
-        self._record(ops.stack(rows), learning_rate)
+            steps.append((gradient, old, _read(variable), slots, previous))
+            own = plan.own_previous.get(self._get_variable_index(variable))
+            if own is not None:
+                self.assign(own, gradient)
+        new_state = plan.step_values(
+            steps,
+            ops.cast(learning_rate, "float64"),
+            _read(plan.state),
+            plan.layout.marks(_read(plan.marks)).requested,
+            ops.cast(self.iterations + 1, "float64"),
+        )
+        self.assign(plan.state, new_state)
 
-    def _quantities(self, index, gradient, old_value, new_value, previous_gradient):
+    def _step_state(self, steps, learning_rate, state, requested, step):
+        """The state after one step (a pure function: one XLA computation on TensorFlow)."""
+        rows = [self._quantities(row, *variable_step) for row, variable_step in enumerate(steps)]
+        return self._fold(self._finalize(ops.stack(rows), learning_rate), state, requested, step)
+
+    def _quantities(self, row, gradient, old_value, new_value, slots, previous_gradient):
         """The quantities of one variable's step, as a float64 vector."""
         plan = self._optiscope
         dtype = _compute_dtype(new_value.dtype)
-        slots = plan.selected_slots[plan.rows[index]]
+        if gradient is None:
+            gradient = ops.zeros_like(new_value)
+            previous_gradient = gradient if plan.needs_previous else None
 
         def cast(x, needed=True):
             return ops.cast(x, dtype) if needed else None
 
-        step = measures.VariableStep(
+        variable_step = measures.VariableStep(
             gradient=cast(gradient),
             old_value=cast(old_value, plan.needs_old),
             new_value=cast(new_value),
@@ -468,11 +505,11 @@ class Instrumented:
             sign_reference=(cast(slots[self._sign_reference_slot]) if plan.needs_sign else None),
         )
         return ops.stack(
-            [ops.cast(measures.QUANTITIES[q](step), "float64") for q in plan.quantities]
+            [ops.cast(measures.QUANTITIES[q](variable_step), "float64") for q in plan.quantities]
         )
 
-    def _record(self, per_variable, learning_rate):
-        """Finalizes the statistics of one step and folds them into the state."""
+    def _finalize(self, per_variable, learning_rate):
+        """The statistics of one step, in the order of `keys`, from the per-variable rows."""
         plan = self._optiscope
         grouped = (
             per_variable
@@ -483,7 +520,7 @@ class Instrumented:
         parts = [s.finalize(*(columns[q] for q in s.quantities)) for s in plan.statistic_list]
         totals = ops.sum(per_variable, axis=0)
         global_values = {
-            "learning_rate": ops.cast(learning_rate, "float64"),
+            "learning_rate": learning_rate,
             "global_grad_norm": ops.sqrt(totals[plan.quantities.index("grad_sq")]),
         }
         if "global_update_norm" in plan.global_names:
@@ -491,29 +528,28 @@ class Instrumented:
                 totals[plan.quantities.index("update_sq")]
             )
         parts.append(ops.stack([global_values[n] for n in plan.global_names]))
-        self._fold(ops.cast(ops.concatenate(parts), "float64"))
+        return ops.cast(ops.concatenate(parts), "float64")
 
-    def _fold(self, values):
-        """One step's values into the state, in a single assignment (see `_initial_state`)."""
-        plan = self._optiscope
-        n = len(plan.keys)
-        state = ops.copy(plan.state)
-        last, total, maximum, first, bad = (state[r * n : (r + 1) * n] for r in range(_ROWS))
-        count, window = state[_ROWS * n], state[_ROWS * n + 1]
-        requested = ops.copy(plan.marks)[_MARK_ROWS * n + 1]
-        step = ops.cast(self.iterations + 1, "float64")
-
+    def _fold(self, values, state, requested, step):
+        """One step's values folded into the state vector (see `_Layout`)."""
+        layout = self._optiscope.layout
+        old = layout.state(state)
         finite = ops.isfinite(values)
-        new_window = ops.greater(requested, window)
-        new_state = [
-            values,
-            total + ops.where(finite, values, ops.zeros_like(values)),
-            ops.where(new_window, values, ops.maximum(maximum, values)),
-            ops.where(ops.logical_and(ops.less(first, 0.0), ops.logical_not(finite)), step, first),
-            bad + ops.cast(ops.logical_not(finite), "float64"),
-            ops.stack([count + 1.0, ops.maximum(window, requested), step]),
-        ]
-        self.assign(plan.state, ops.concatenate(new_state))
+        never_bad = ops.less(old.first_nonfinite, 0.0)
+        return layout.pack_state(
+            last=values,
+            total=old.total + ops.where(finite, values, ops.zeros_like(values)),
+            maximum=ops.where(
+                ops.greater(requested, old.window), values, ops.maximum(old.maximum, values)
+            ),
+            first_nonfinite=ops.where(
+                ops.logical_and(never_bad, ops.logical_not(finite)), step, old.first_nonfinite
+            ),
+            nonfinite=old.nonfinite + ops.cast(ops.logical_not(finite), "float64"),
+            count=old.count + 1.0,
+            window=ops.maximum(old.window, requested),
+            step=step,
+        )
 
     # ----------------------------------------------------------------- reading
     def slot_values(self):
@@ -531,14 +567,13 @@ class Instrumented:
         """The state and this reader's marks as one vector; `advance` moves the marks to now
         and asks the train step to start a new window for the max."""
         plan = self._optiscope
-        n = len(plan.keys)
-        state = ops.copy(plan.state)
-        marks = ops.copy(plan.marks)
-        count, window = state[_ROWS * n], state[_ROWS * n + 1]
-        now = ops.concatenate(
-            [state[n : 2 * n], state[4 * n : 5 * n], ops.stack([count, window + 1.0])]
+        layout = plan.layout
+        state, marks = _read(plan.state), _read(plan.marks)
+        now = layout.state(state)
+        current = layout.pack_marks(
+            total=now.total, nonfinite=now.nonfinite, count=now.count, requested=now.window + 1.0
         )
-        self.assign(plan.marks, ops.where(advance, now, marks))  # one trace for both cases
+        self.assign(plan.marks, ops.where(advance, current, marks))  # one trace for both cases
         return ops.concatenate([state, marks])
 
     def statistics(self, reset=True):
@@ -567,43 +602,94 @@ class Instrumented:
             plan.reader = _compiled(self._read_state)
         advance = ops.convert_to_tensor(bool(reset))
         flat = ops.convert_to_numpy(plan.reader(advance))  # the one transfer
-        n = len(plan.keys)
-        rows = [flat[r * n : (r + 1) * n] for r in range(_ROWS)]
-        last, total, maximum, first, bad = rows
-        count, window, step = flat[_ROWS * n : _ROWS * n + _HEADER]
-        marks = flat[_ROWS * n + _HEADER :]
-        read_total, read_bad = marks[:n], marks[n : 2 * n]
-        read_count, requested = marks[2 * n], marks[2 * n + 1]
-        steps = int(count - read_count)
+        layout = plan.layout
+        state = layout.state(flat[: layout.state_size])
+        marks = layout.marks(flat[layout.state_size :])
+        steps = int(state.count - marks.count)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (total - read_total) / steps if steps else np.full(n, np.nan)
-        mean = np.where(bad > read_bad, np.nan, mean)
-        if steps == 0 or requested > window:
-            maximum = np.full(n, np.nan)
-        return Statistics(int(step), steps, plan.keys, last, mean, maximum, total, first)
+            mean = (state.total - marks.total) / steps if steps else np.full(layout.size, np.nan)
+        mean = np.where(state.nonfinite > marks.nonfinite, np.nan, mean)
+        maximum = state.maximum
+        if steps == 0 or marks.requested > state.window:
+            maximum = np.full(layout.size, np.nan)
+        return Statistics(
+            int(state.step),
+            steps,
+            plan.keys,
+            state.last,
+            mean,
+            maximum,
+            state.total,
+            state.first_nonfinite,
+        )
 
 
-# The state is one float64 vector written only by the train step, so that a read sees one
-# whole step (also when a callback reads from another thread): rows of n entries
-#   last | total (sum of finite values) | max of the current window | first non-finite step |
-#   number of non-finite values
-# then `count` (steps), `window` (the current max window) and `step` (of the last update).
-# The marks, written only by readers, hold total, non-finite number and count at the last read,
-# and the window the reader asked for. Means are differences of totals, so they are exact.
-_ROWS, _HEADER, _MARK_ROWS, _MARK_HEADER = 5, 3, 2, 2
+class _Layout:
+    """Where each field lives in the state and marks vectors of `size` statistic entries.
+
+    The state is one float64 vector written only by the train step, so that a read sees one
+    whole step (also when a callback reads from another thread): per entry `last`, `total` (sum
+    of the finite values), `maximum` (of the current window), `first_nonfinite` (step, -1 for
+    none) and `nonfinite` (number of non-finite values); then `count` (steps), `window` (the
+    current max window) and `step` (of the last update). The marks, written only by readers,
+    keep `total`, `nonfinite` and `count` at the last read, and the window the reader
+    `requested`. Means are differences of totals, so they are exact.
+    """
+
+    State = collections.namedtuple(
+        "State", "last total maximum first_nonfinite nonfinite count window step"
+    )
+    Marks = collections.namedtuple("Marks", "total nonfinite count requested")
+    _STATE_ROWS, _MARK_ROWS = 5, 2  # per-entry fields; the others are scalars
+
+    def __init__(self, size):
+        self.size = size
+        self.state_size = self._STATE_ROWS * size + len(self.State._fields) - self._STATE_ROWS
+        self.marks_size = self._MARK_ROWS * size + len(self.Marks._fields) - self._MARK_ROWS
+
+    def _split(self, flat, fields, rows):
+        n = self.size
+        values = [flat[r * n : (r + 1) * n] for r in range(rows)]
+        return values + [flat[rows * n + i] for i in range(len(fields) - rows)]
+
+    def state(self, flat):
+        """The state vector (a tensor or NumPy array) as named fields."""
+        return self.State(*self._split(flat, self.State._fields, self._STATE_ROWS))
+
+    def marks(self, flat):
+        return self.Marks(*self._split(flat, self.Marks._fields, self._MARK_ROWS))
+
+    def _pack(self, fields, rows, xp):
+        return xp.concatenate([*fields[:rows], xp.stack(fields[rows:])])
+
+    def pack_state(self, xp=ops, **fields):
+        return self._pack(self.State(**fields), self._STATE_ROWS, xp)
+
+    def pack_marks(self, xp=ops, **fields):
+        return self._pack(self.Marks(**fields), self._MARK_ROWS, xp)
+
+    def initial_state(self):
+        zeros = np.zeros(self.size)
+        return self.pack_state(
+            np,
+            last=zeros,
+            total=zeros,
+            maximum=np.full(self.size, -np.inf),
+            first_nonfinite=np.full(self.size, -1.0),
+            nonfinite=zeros,
+            count=0.0,
+            window=0.0,
+            step=0.0,
+        )
 
 
-def _initial_state(n):
-    rows = [np.zeros(n), np.zeros(n), np.full(n, -np.inf), np.full(n, -1.0), np.zeros(n)]
-    return np.concatenate(rows + [np.zeros(_HEADER)])
-
-
-def _compiled(fn):
-    """`fn` as one graph call on TensorFlow, else as it is."""
+def _compiled(fn, jit_compile=False):
+    """`fn` as one graph call on TensorFlow (one XLA computation with `jit_compile`), else as
+    it is (the JAX backend compiles the whole train step anyway)."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn)
+        return tf.function(fn, jit_compile=jit_compile)
     return fn
 
 
@@ -638,6 +724,17 @@ def _unique(paths):
 
 def _compute_dtype(dtype):
     return "float64" if str(dtype) == "float64" else "float32"
+
+
+def _arguments(optimizer_class, args, kwargs):
+    """The constructor arguments by name (empty where they do not fit: Keras will say so)."""
+    try:
+        bound = inspect.signature(optimizer_class.__init__).bind_partial(None, *args, **kwargs)
+    except TypeError:
+        return {}
+    arguments = dict(bound.arguments)
+    arguments.update(arguments.pop("kwargs", {}))
+    return arguments
 
 
 def unwrap(optimizer):
@@ -680,8 +777,10 @@ def instrument(optimizer_class, *, sign_reference_slot=None):
         }
         if sign_reference_slot is not None:
             attributes["_sign_reference_slot"] = sign_reference_slot
-        cls = type(name, (Instrumented, optimizer_class), attributes)
         module = optimizer_class.__module__
+        if module.startswith("keras."):
+            attributes["_keras_builtin"] = optimizer_class
+        cls = type(name, (Instrumented, optimizer_class), attributes)
         # Keras' own optimizers register as "optiscope>Instrumented<Name>"; others under their
         # module too, so that a user's `Adam` never replaces the built-in's registration.
         package = "optiscope" if module.startswith("keras.") else f"optiscope.{module}"

@@ -17,7 +17,8 @@ class PowerSign(SignRule):
     w <- w - lr * exp(log(base) * d(t) * sign(g) * sign(m)) * g
     ```
     `d(t)` is the sign decay at the 0-based step `t`. Matches TensorFlow's fused
-    `ResourceApplyPowerSign` kernel. Sparse gradients are densified. Natural statistic:
+    `ResourceApplyPowerSign` kernel, which runs it on the TensorFlow backend for dense float32
+    and float64 gradients. Sparse gradients are densified. Natural statistic:
     `sign_agreement`.
 
     Args:
@@ -59,6 +60,18 @@ class PowerSign(SignRule):
 
     def _multiplier(self, scaled_agreement, dtype):
         return ops.exp(ops.multiply(ops.convert_to_tensor(self._log_base, dtype), scaled_agreement))
+
+    def _fused_kernel(self, dtype):
+        import tensorflow as tf
+
+        log_base = ops.convert_to_tensor(self._log_base, dtype)
+
+        def apply(var, m, lr, sign_decay, beta, grad):
+            tf.raw_ops.ResourceApplyPowerSign(
+                var=var, m=m, lr=lr, logbase=log_base, sign_decay=sign_decay, beta=beta, grad=grad
+            )
+
+        return apply
 
     def get_config(self):
         config = super().get_config()

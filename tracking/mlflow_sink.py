@@ -2,17 +2,17 @@
 
 Records are queued and delivered by a background thread with `log_batch` (at most 1000 metrics,
 100 params and 100 tags a call), so a slow or unreachable server never stalls training. Every
-record is also journaled to a temporary file; if anything is still undelivered when the sink
-closes (after `close_timeout` seconds of retrying), the journal is moved to the spool directory
-and one warning names it. `replay(path)` (or `optiscope replay PATH`) writes it into a tracking
-server as a new run, every record included.
+record is also appended to the run's journal in the spool directory as it is produced (see
+`journal.py`); the first delivery problem is warned about with the journal's path, and the
+journal is removed once the server has everything. If anything is still undelivered when the
+sink closes (after `close_timeout` seconds of retrying), the journal stays and one more warning
+names it; so does the journal of a process that is killed. `replay(path)` (or `optiscope
+replay PATH`) completes the run from it.
 """
 
 import collections
-import json
 import os
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -20,10 +20,24 @@ import urllib.parse
 import warnings
 
 from optiscope.tracking import naming
+from optiscope.tracking._checks import (
+    check_bool,
+    check_name,
+    check_non_negative,
+    check_path,
+    check_positive,
+)
 from optiscope.tracking.base import Sink, check_status
+from optiscope.tracking.journal import (
+    DEFAULT_SPOOL_DIR,
+    MAX_METRICS,
+    Journal,
+    deliver_records,
+    experiment_id,
+    next_batch,
+    now_ms,
+)
 
-MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
-DEFAULT_SPOOL_DIR = "optiscope-spool"
 _SCHEMES = {"", "file", "http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks"}
 
 
@@ -81,13 +95,15 @@ class MlflowSink(Sink):
             `MLFLOW_TRACKING_URI` environment variable, else MLflow's local store).
         experiment_name: the experiment of a new run. Defaults to None (MLflow's default).
         run_name: the name of a new run. Defaults to a time-stamped name.
-        run_id: log into this existing run. Defaults to None.
+        run_id: log into this existing run. A run that has ended is opened again (RUNNING)
+            and ended by `close`, so a resumed training continues its run. Defaults to None.
         parent: a parent `MlflowSink` (or run id): the new run is nested under it.
         tags: tags of a new run.
         asynchronous: deliver from a background thread. Defaults to True.
-        spool_dir: where undelivered journals are kept. Defaults to "optiscope-spool".
+        spool_dir: the directory of the run's journal. Defaults to "optiscope-spool".
         retry_interval: seconds between delivery attempts after a failure. Defaults to 1.
-        close_timeout: seconds `close` keeps trying before spooling. Defaults to 10.
+        close_timeout: seconds `close` keeps trying before leaving the rest in the journal.
+            Defaults to 10.
         flush_interval: the background thread delivers every this many seconds, or as soon
             as 1000 metrics wait, so that many small reads cost few calls. Defaults to 5.
     """
@@ -109,31 +125,30 @@ class MlflowSink(Sink):
         import mlflow
 
         self.tracking_uri = check_tracking_uri(tracking_uri)
-        timings = {
-            "retry_interval": retry_interval,
-            "close_timeout": close_timeout,
-            "flush_interval": flush_interval,
-        }
-        for name, value in timings.items():
-            if not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"Argument `{name}` must be >= 0. Received: {name}={value!r}")
+        self.experiment_name = check_name("experiment_name", experiment_name)
+        self.run_name = check_name("run_name", run_name) or naming.run_name()
+        run_id = check_name("run_id", run_id)
+        if parent is not None and not isinstance(parent, MlflowSink):
+            check_name("parent", parent)
+        if tags is not None and not hasattr(tags, "items"):
+            raise ValueError(f"Argument `tags` must be a dict or None. Received: tags={tags!r}")
+        self.asynchronous = check_bool("asynchronous", asynchronous)
+        self.spool_dir = check_path("spool_dir", spool_dir)
+        self.retry_interval = check_positive("retry_interval", retry_interval)
+        self.close_timeout = check_non_negative("close_timeout", close_timeout)
+        self.flush_interval = check_positive("flush_interval", flush_interval)
         _quiet_mlflow_retries()
-        self.experiment_name = experiment_name
-        self.run_name = run_name or naming.run_name()
         self.parent = parent
         self.tags = dict(tags or {})
-        self.asynchronous = asynchronous
-        self.spool_dir = spool_dir
-        self.retry_interval = retry_interval
-        self.close_timeout = close_timeout
-        self.flush_interval = flush_interval
         self.spool_path = None
         self.last_error = None
         self.rejected = 0
         self._params = {}
+        self._named_keys = set()  # rewritten keys whose full names were logged
 
         self.run_id = run_id
         self._owns_run = run_id is None
+        self._reopen = run_id is not None
         active = mlflow.active_run()
         if (
             run_id is None
@@ -152,19 +167,21 @@ class MlflowSink(Sink):
         self._run_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
+        self._warned = False
         self._worker = None
-        fd, self._journal_path = tempfile.mkstemp(prefix="optiscope-journal-", suffix=".jsonl")
-        self._journal = os.fdopen(fd, "w")
-        self._journal_line(
+        self._journal = Journal(
+            self.spool_dir,
             {
-                "kind": "run",
                 "run_name": self.run_name,
-                "experiment_name": experiment_name,
+                "experiment_name": self.experiment_name,
                 "run_id": self.run_id,
+                "owns_run": self._owns_run,
+                "tracking_uri": self.tracking_uri or mlflow.get_tracking_uri(),
                 "parent_run_name": getattr(parent, "run_name", None),
                 "tags": self.tags,
-            }
+            },
         )
+        self.journal_path = self._journal.path
 
     # ------------------------------------------------------------------ public interface
     def log_params(self, params):
@@ -172,7 +189,7 @@ class MlflowSink(Sink):
         under `<key>_2` (`_3`, ...), with a warning, instead of failing the run's batches."""
         clean = {}
         for key, value in params.items():
-            key, value = naming.mlflow_key(key), naming.param_value(value)
+            key, value = self._key(key), naming.param_value(value)
             if self._params.get(key, value) != value:
                 renamed = next(
                     f"{key}_{i}" for i in range(2, 10**6) if f"{key}_{i}" not in self._params
@@ -189,10 +206,21 @@ class MlflowSink(Sink):
         self._enqueue({"kind": "params", "params": clean})
 
     def log_metrics(self, metrics, step):
-        now = int(time.time() * 1000)
-        rows = [[naming.mlflow_key(k), float(v), now, int(step)] for k, v in metrics.items()]
+        now = now_ms()
+        rows = [[self._key(k), float(v), now, int(step)] for k, v in metrics.items()]
         for start in range(0, len(rows), MAX_METRICS):
             self._enqueue({"kind": "metrics", "metrics": rows[start : start + MAX_METRICS]})
+
+    def _key(self, key):
+        """`naming.mlflow_key(key)`; the first time a key is rewritten, its full name goes to
+        the param `optiscope.key.<hash>`."""
+        mlflow_key = naming.mlflow_key(key)
+        if mlflow_key != key and key not in self._named_keys:
+            self._named_keys.add(key)
+            name = naming.KEY_PARAM_PREFIX + naming.key_hash(key)
+            self._params[name] = naming.param_value(str(key))
+            self._enqueue({"kind": "params", "params": {name: self._params[name]}})
+        return mlflow_key
 
     def set_tags(self, tags):
         self._enqueue({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
@@ -254,31 +282,23 @@ class MlflowSink(Sink):
         self._closed = True
         self._wake.set()
         with self._lock:
-            self._journal.close()
             undelivered = len(self._pending)
             self._pending.clear()
             self._waiting_metrics = 0
-        if delivered and not self.rejected:
-            os.remove(self._journal_path)
+        keep = not delivered or bool(self.rejected)
+        self._journal.close(keep=keep)
+        if not keep:
             return
-        os.makedirs(self.spool_dir, exist_ok=True)
-        self.spool_path = os.path.abspath(
-            os.path.join(self.spool_dir, f"{naming.mlflow_key(self.run_name)}.jsonl")
-        )
-        shutil.move(self._journal_path, self.spool_path)
+        self.spool_path = self._journal.path
         warnings.warn(
             f"optiscope: the MLflow server could not take {undelivered + self.rejected} "
-            f"record(s) of run "
-            f"{self.run_name!r} ({self.last_error}). The whole run is kept in {self.spool_path}; "
-            f"replay it with: optiscope replay {self.spool_path} --tracking-uri URI",
+            f"record(s) of run {self.run_name!r} ({self.last_error}). The whole run is kept in "
+            f"{self.spool_path}; complete it with: optiscope replay {self.spool_path}",
             RuntimeWarning,
             stacklevel=2,
         )
 
     # ------------------------------------------------------------------ delivery
-    def _journal_line(self, record):
-        self._journal.write(json.dumps(record) + "\n")
-
     def _enqueue(self, record):
         if self._closed:
             warnings.warn(
@@ -288,8 +308,9 @@ class MlflowSink(Sink):
                 stacklevel=3,
             )
             return
+        record["time"] = now_ms()
         with self._lock:
-            self._journal_line(record)
+            self._journal.append(record)
             self._pending.append(record)
             self._waiting_metrics += len(record.get("metrics", ()))
             urgent = self._waiting_metrics >= MAX_METRICS
@@ -315,7 +336,7 @@ class MlflowSink(Sink):
         """Delivers queued records in order until done or a failure; True if all went."""
         while True:
             with self._lock:
-                batch = _next_batch(self._pending)
+                batch = next_batch(self._pending)
             if not batch:
                 return True
             try:
@@ -323,11 +344,13 @@ class MlflowSink(Sink):
             except Exception as err:  # noqa: BLE001 - any back-end failure means: retry later
                 self.last_error = f"{type(err).__name__}: {err}"
                 if not _rejected(err):
+                    self._warn_once(f"could not reach the MLflow server ({self.last_error})")
                     return False
                 self.rejected += len(batch)  # the server refuses these for good: kept, not retried
                 warnings.warn(
                     f"optiscope: the MLflow server rejected {batch[0]['kind']} of run "
-                    f"{self.run_name!r} ({self.last_error}); they stay in the spool file",
+                    f"{self.run_name!r} ({self.last_error}); they stay in the journal "
+                    f"{self._journal.path}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -337,13 +360,32 @@ class MlflowSink(Sink):
                         self._pending.popleft()
                         self._waiting_metrics -= len(record.get("metrics", ()))
 
+    def _warn_once(self, problem):
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"optiscope: run {self.run_name!r} {problem}; its records are kept in "
+                f"{self._journal.path} and delivery is retried",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
     def _ensure_run(self):
-        """The run's id, creating the run (and a parent sink's run) on first use."""
+        """The run's id, creating the run (and a parent sink's run) on first use; a given run
+        that has ended is opened again."""
         from mlflow.tracking import MlflowClient
 
         with self._run_lock:
             if self._client is None:
                 self._client = MlflowClient(self.tracking_uri)
+            if self._reopen:
+                if self._client.get_run(self.run_id).info.status != "RUNNING":
+                    self._client.update_run(self.run_id, status="RUNNING")
+                    self._owns_run = True
+                    self._journal.append(
+                        {"kind": "run_id", "run_id": self.run_id, "owns_run": True}
+                    )
+                self._reopen = False
             if self.run_id is not None:
                 return self.run_id
             tags = dict(self.tags)
@@ -351,9 +393,10 @@ class MlflowSink(Sink):
                 tags["mlflow.parentRunId"] = self.parent._ensure_run()
             elif self.parent is not None:
                 tags["mlflow.parentRunId"] = self.parent
-            experiment_id = _experiment_id(self._client, self.experiment_name)
-            run = self._client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            experiment = experiment_id(self._client, self.experiment_name)
+            run = self._client.create_run(experiment, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
+            self._journal.append({"kind": "run_id", "run_id": self.run_id, "owns_run": True})
             return self.run_id
 
     def _deliver(self, batch):
@@ -365,105 +408,3 @@ def _rejected(error):
     """True for errors the server will repeat (a bad request), not outages."""
     code = getattr(error, "error_code", "")
     return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS")
-
-
-def _next_batch(pending):
-    """The next records to send together: consecutive metric records up to 1000 metrics, or
-    one record of another kind."""
-    if not pending:
-        return []
-    first = pending[0]
-    if first["kind"] != "metrics":
-        return [first]
-    batch, count = [], 0
-    for record in pending:
-        if record["kind"] != "metrics" or count + len(record["metrics"]) > MAX_METRICS:
-            break
-        batch.append(record)
-        count += len(record["metrics"])
-    return batch
-
-
-def _experiment_id(client, name):
-    if name is None:
-        return "0"
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
-
-
-def deliver_records(client, run_id, records, owns_run=True):
-    """Sends journal records to a run with the fewest calls MLflow allows."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    metrics = [
-        Metric(key, value, timestamp, step)
-        for record in records
-        if record["kind"] == "metrics"
-        for key, value, timestamp, step in record["metrics"]
-    ]
-    if metrics:
-        client.log_batch(run_id, metrics=metrics)
-    for record in records:
-        kind = record["kind"]
-        if kind == "params":
-            items = list(record["params"].items())
-            for start in range(0, len(items), MAX_PARAMS):
-                chunk = items[start : start + MAX_PARAMS]
-                client.log_batch(run_id, params=[Param(k, v) for k, v in chunk])
-        elif kind == "tags":
-            items = list(record["tags"].items())
-            for start in range(0, len(items), MAX_TAGS):
-                chunk = items[start : start + MAX_TAGS]
-                client.log_batch(run_id, tags=[RunTag(k, v) for k, v in chunk])
-        elif kind == "artifact":
-            if os.path.exists(record["path"]):
-                client.log_artifact(run_id, record["path"], record["artifact_path"])
-            else:
-                warnings.warn(
-                    f"optiscope: artifact {record['path']} no longer exists; skipped",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        elif kind == "end" and owns_run:
-            client.set_terminated(run_id, record["status"])
-
-
-def replay(path, tracking_uri=None, experiment_name=None):
-    """Writes a spool (journal) file into a tracking server as a new run; returns its id.
-
-    Parents are not recreated: a nested run is replayed as a top-level run tagged with its
-    parent's name.
-    """
-    from mlflow.tracking import MlflowClient
-
-    check_tracking_uri(tracking_uri)
-    with open(path) as file:
-        lines = [json.loads(line) for line in file if line.strip()]
-    if not lines or lines[0].get("kind") != "run":
-        raise ValueError(f"Argument `path` is not an optiscope spool file: {path!r}")
-    header, records = lines[0], lines[1:]
-    client = MlflowClient(check_tracking_uri(tracking_uri))
-    tags = dict(header.get("tags") or {})
-    if header.get("parent_run_name"):
-        tags["optiscope.parent_run_name"] = header["parent_run_name"]
-    tags["optiscope.replayed_from"] = os.path.abspath(path)
-    experiment_id = _experiment_id(client, experiment_name or header.get("experiment_name"))
-    run = client.create_run(experiment_id, run_name=header.get("run_name"), tags=tags)
-    batch, count = [], 0
-    for record in records:
-        if record["kind"] == "metrics":
-            if count + len(record["metrics"]) > MAX_METRICS:
-                deliver_records(client, run.info.run_id, batch)
-                batch, count = [], 0
-            batch.append(record)
-            count += len(record["metrics"])
-            continue
-        if batch:
-            deliver_records(client, run.info.run_id, batch)
-            batch, count = [], 0
-        deliver_records(client, run.info.run_id, [record])
-    if batch:
-        deliver_records(client, run.info.run_id, batch)
-    if not any(r["kind"] == "end" for r in records):
-        client.set_terminated(run.info.run_id, "FAILED")
-    return run.info.run_id

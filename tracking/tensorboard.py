@@ -23,22 +23,16 @@ from tensorboard.plugins.text.summary_v2 import text_pb
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 from optiscope.tracking import naming
+from optiscope.tracking._checks import (
+    check_name,
+    check_path,
+    check_positive,
+    check_positive_int,
+    writable_directory,
+)
 from optiscope.tracking.base import Sink
 
 DEFAULT_LOGDIR = "runs"
-
-
-def writable_directory(name, path):
-    """Creates `path` if needed; raises `ValueError` naming the argument if it is not writable."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise ValueError(
-            f"Argument `{name}` is not a writable directory: {path!r} ({err})"
-        ) from None
-    if not os.access(path, os.W_OK):
-        raise ValueError(f"Argument `{name}` is not a writable directory: {path!r}")
-    return path
 
 
 class TensorBoardSink(Sink):
@@ -49,14 +43,28 @@ class TensorBoardSink(Sink):
         run_name: the run's directory under `logdir`. Defaults to a time-stamped name.
         subdir: this sink's directory inside the run. Defaults to "optiscope".
         flush_secs: how often the writer thread flushes. Defaults to 5.
+        purge_step: continue an existing run directory from this step: TensorBoard drops the
+            points the run's earlier files have at this step and later (e.g. those logged after
+            the checkpoint a training resumes from). Defaults to None.
     """
 
-    def __init__(self, logdir=DEFAULT_LOGDIR, run_name=None, subdir="optiscope", flush_secs=5):
+    def __init__(
+        self,
+        logdir=DEFAULT_LOGDIR,
+        run_name=None,
+        subdir="optiscope",
+        flush_secs=5,
+        purge_step=None,
+    ):
         if not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"Argument `logdir` must be a path. Received: logdir={logdir!r}")
-        self.run_name = run_name or naming.run_name()
+        self.run_name = check_name("run_name", run_name) or naming.run_name()
+        check_path("subdir", check_name("subdir", subdir, optional=False))
         self.path = writable_directory("logdir", os.path.join(logdir, self.run_name, subdir))
-        self.flush_secs = flush_secs
+        self.flush_secs = check_positive("flush_secs", flush_secs)
+        if purge_step is not None:
+            purge_step = check_positive_int("purge_step", purge_step)
+        self.purge_step = purge_step
         self._writer = None
         self._lock = threading.Lock()
 
@@ -64,6 +72,13 @@ class TensorBoardSink(Sink):
         with self._lock:
             if self._writer is None:
                 self._writer = EventFileWriter(self.path, flush_secs=self.flush_secs)
+                if self.purge_step is not None:  # TensorBoard purges steps >= a restart's
+                    restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+                    self._writer.add_event(
+                        event_pb2.Event(
+                            wall_time=time.time(), step=self.purge_step, session_log=restart
+                        )
+                    )
             if not isinstance(summary, summary_pb2.Summary):  # TensorFlow's own Summary class
                 summary = summary_pb2.Summary.FromString(summary.SerializeToString())
             event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)

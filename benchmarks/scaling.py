@@ -1,0 +1,76 @@
+"""How the statistics' cost grows with the number of variables and with their size.
+
+Each model trains with Adam, batch 32, default `model.compile`; default statistics, never
+read, against the uninstrumented Adam, epochs timed in interleaved rounds (medians).
+Variables: 5, 50 and 200 Dense(32) layers (10, 100, 400 variables). Parameters: one Dense
+layer of 10^4, 10^6 and 10^7 parameters (2 variables).
+
+    python benchmarks/scaling.py [--rounds 5]
+"""
+
+import argparse
+
+import _timing
+import keras
+import numpy as np
+
+from optiscope.optimizers import InstrumentedAdam
+
+# name: (model builder, input width, output width, steps an epoch)
+MODELS = {
+    "10 variables (5 x Dense(32))": (lambda: _timing.dense_stack(5), 32, 32, 100),
+    "100 variables (50 x Dense(32))": (lambda: _timing.dense_stack(50), 32, 32, 100),
+    "400 variables (200 x Dense(32))": (lambda: _timing.dense_stack(200), 32, 32, 50),
+    "10^4 parameters (Dense 99 -> 100)": (lambda: _timing.dense_stack(1, 100, 99), 99, 100, 100),
+    "10^6 parameters (Dense 999 -> 1000)": (
+        lambda: _timing.dense_stack(1, 1000, 999),
+        999,
+        1000,
+        50,
+    ),
+    "10^7 parameters (Dense 999 -> 10000)": (
+        lambda: _timing.dense_stack(1, 10000, 999),
+        999,
+        10000,
+        20,
+    ),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    fits, sizes = {}, {}
+    for name, (build, inputs, outputs, steps) in MODELS.items():
+        x = rng.normal(size=(32 * steps, inputs)).astype("float32")
+        y = rng.normal(size=(32 * steps, outputs)).astype("float32")
+        for variant, optimizer in (
+            ("keras Adam", keras.optimizers.Adam(1e-3)),
+            ("default statistics", InstrumentedAdam(1e-3)),
+        ):
+            model = build()
+            model.compile(optimizer=optimizer, loss="mse")
+
+            def fit(model=model, x=x, y=y):
+                model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+
+            fit()  # trace and warm up
+            fits[name, variant] = fit
+            sizes[name] = (len(model.trainable_variables), model.count_params(), steps)
+    times = _timing.interleaved(fits, args.rounds)
+
+    print(f"# statistics overhead against model size; {_timing.machine()}")
+    header = f"{'model':<40}{'vars':>6}{'params':>11}{'Adam ms/step':>14}"
+    print(f"{header}{'+stats ms':>11}{'ratio':>8}")
+    for name, (variables, parameters, steps) in sizes.items():
+        base, stats = times[name, "keras Adam"], times[name, "default statistics"]
+        print(
+            f"{name:<40}{variables:>6}{parameters:>11,}{base / steps * 1e3:>14.3f}"
+            f"{(stats - base) / steps * 1e3:>11.3f}{stats / base:>7.3f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
