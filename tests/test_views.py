@@ -81,7 +81,8 @@ def deep_run(tmp_path_factory):
 
 def per_variable(recorder, statistic, keys, step):
     """The per-variable values the logger read for `statistic` at `step`."""
-    (metrics,) = [m for m, s in recorder.metrics if s == step and f"optimizer/{statistic}" in m]
+    first = f"optimizer/{statistic}/{keys[0]}"
+    (metrics,) = [m for m, s in recorder.metrics if s == step and first in m]
     return np.array([metrics[f"optimizer/{statistic}/{key}"] for key in keys])
 
 
