@@ -92,6 +92,12 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         interval: read every this many steps. Defaults to 100.
         fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
+        compact: one view per statistic across variables, for models with many: a histogram
+            over the variables at each read (`optimizer/<statistic>/across_variables`) and a
+            variable x step heat-map image at each epoch's end (`optimizer/<statistic>/heatmap`,
+            in MLflow a PNG artifact); the custom-scalar layout then keeps only charts of at
+            most 10 lines. `"auto"`: when a statistic has more than 10 groups (variables or
+            layers). Defaults to `"auto"`.
         logdir, run_name, tracking_uri, experiment_name: for the default sinks.
         run_id: the default `MlflowSink` continues this MLflow run. Defaults to None.
         params: extra parameters to log (e.g. a description of the data).
@@ -105,6 +111,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         interval=DEFAULT_INTERVAL,
         fields=("mean",),
         histograms=False,
+        compact="auto",
         logdir=DEFAULT_LOGDIR,
         run_name=None,
         tracking_uri=None,
@@ -136,6 +143,12 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self.close_sinks = check_bool("close_sinks", close_sinks) or sinks is None
         self._announced = False
         self.histograms = check_bool("histograms", histograms)
+        if not (isinstance(compact, bool) or compact == "auto"):
+            raise ValueError(
+                f"Argument `compact` must be one of {publishing.COMPACT}. "
+                f"Received: compact={compact!r}"
+            )
+        self.compact = compact
         self.logdir = logdir
         self.run_name = check_name("run_name", run_name)
         self.tracking_uri = tracking_uri
@@ -185,7 +198,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         self._batches = start
         self._epoch_start = start
         self._last_read = start
-        self._publisher = publishing.Publisher(self.sinks, self.fields)
+        self._publisher = publishing.Publisher(self.sinks, self.fields, compact=self.compact)
         self._epoch_window = {}
         self.sinks.log_params(self._describe())
 
@@ -241,6 +254,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             logs.update(self._epoch_aggregates())
             keras_logs = {f"{EPOCH_PREFIX}/{k}": float(v) for k, v in logs.items() if _is_number(v)}
             self.sinks.log_metrics(keras_logs, step=epoch + 1)
+        self._log_heatmaps()
         if self.histograms:
             self.sinks.log_histograms(
                 {
@@ -269,6 +283,10 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             window[2] = max(window[2], summary.max)
             window[3] = summary.last
         self._publisher.publish(stats)
+
+    def _log_heatmaps(self):
+        with self._lock:
+            self._publisher.log_heatmaps()
 
     def _epoch_aggregates(self):
         aggregates = {}

@@ -11,9 +11,12 @@ absent from its read, so they are never sent.
 from optiscope.optimizers import instrumentation
 from optiscope.optimizers.measures import STATISTICS
 from optiscope.tracking import MlflowSink, TensorBoardSink, naming
+from optiscope.tracking.views import CompactViews, groups_per_statistic
 
 PREFIX = "optimizer"
 FIELDS = ("last", "mean", "max")
+COMPACT = ("auto", True, False)
+COMPACT_ABOVE = 10  # `compact="auto"`: compact views once a statistic has more groups than this
 
 
 def tag(statistic, group=None):
@@ -49,24 +52,48 @@ class Publisher:
     `publish(statistics)` sends a read already taken; `read(optimizer)` takes one (resetting
     the window) and sends it, the first time also the optimizer's class and config as params
     (`describe=True`, for custom loops; the Keras callback describes the model too). Both
-    return the metrics sent (empty when no step ran).
+    return the metrics sent (empty when no step ran). With `compact` on (`"auto"`: once a
+    statistic has more than `COMPACT_ABOVE` groups) each read also sends a histogram over the
+    groups per statistic, `log_heatmaps()` a group x step heat-map per statistic, and the layout
+    keeps only the charts of at most `COMPACT_ABOVE` lines.
     """
 
-    def __init__(self, sinks, fields=("mean",), describe=False):
+    def __init__(self, sinks, fields=("mean",), describe=False, compact=False):
+        if compact not in COMPACT or not isinstance(compact, bool | str):
+            raise ValueError(
+                f"Argument `compact` must be one of {COMPACT}. Received: compact={compact!r}"
+            )
         self.sinks = sinks
         self.fields = tuple(fields)
         self.describe = describe
+        self.compact = compact
+        self._views = None  # CompactViews, or False; decided at the first read
         self._layout_written = False
 
     def publish(self, statistics):
         if statistics.steps == 0:
             return {}
         values = metrics(statistics, self.fields)
+        if self._views is None:
+            many = groups_per_statistic(statistics.keys()) > COMPACT_ABOVE
+            wanted = self.compact is True or (self.compact == "auto" and many)
+            self._views = CompactViews() if wanted else False
         if not self._layout_written:
-            self.sinks.log_layout(charts(values))
+            layout = charts(values)
+            if self._views:
+                layout = {t: tags for t, tags in layout.items() if len(tags) <= COMPACT_ABOVE}
+            self.sinks.log_layout(layout)
             self._layout_written = True
         self.sinks.log_metrics(values, step=statistics.step)
+        if self._views:
+            self.sinks.log_histograms(self._views.add(statistics), step=statistics.step)
         return values
+
+    def log_heatmaps(self):
+        """A heat-map per statistic of every read so far (at the last read's step)."""
+        if self._views and self._views.steps:
+            for name, figure in self._views.heatmaps().items():
+                self.sinks.log_figure(name, figure, step=self._views.steps[-1])
 
     def read(self, optimizer):
         if self.describe:

@@ -48,6 +48,8 @@ def run(epochs=3, seed=42, logdir="runs", tracking_uri=None):
             run_name=f"demo/{naming.run_name(name)}",
             tracking_uri=tracking_uri,
             experiment_name=EXPERIMENT,
+            histograms=True,  # the slots' distributions
+            compact=True,  # and each statistic across variables: histograms, heat-maps
             params={"data": f"synthetic California-shaped regression, {len(x)} x {x.shape[1]}"},
         )
         history = model.fit(x, y, epochs=epochs, batch_size=32, verbose=0, callbacks=[logger])

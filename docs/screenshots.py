@@ -1,0 +1,159 @@
+"""Regenerates the README's screenshots from a real run, as a person sees it.
+
+Runs `optiscope run rosenbrock` and `optiscope demo` (what `make run` and the README's demo do)
+in a temporary directory, starts TensorBoard and the MLflow UI exactly as `optiscope ui` does
+(on free ports), and captures each page with Debian's headless Chromium (`/usr/bin/chromium`,
+the `chromium` package; nothing is downloaded). The PNGs go to `docs/`.
+
+    .venv/bin/python docs/screenshots.py [--out docs] [--work DIR] [--skip-runs]
+
+`--work DIR` keeps the runs in DIR (and `--skip-runs` reuses them). Which runs and pages are
+shown is set in one place: `TENSORBOARD_RUNS`, `MLFLOW_EXPERIMENTS` and `pages()` below.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+import servers  # noqa: E402  (free ports, waiting, process groups)
+
+from optiscope.experiments import ui  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+WINDOW = "1600,1000"
+# Regular expressions on TensorBoard run names: the runs each dashboard opens with. TensorBoard
+# enables every run that matches when at most 40 do.
+TENSORBOARD_RUNS = {
+    "scalars": r"^rosenbrock.*best|^(SignAveraging|SGD-momentum|Adam)-",
+    "demo": r"^(SignAveraging|SGD-momentum|Adam)-",
+}
+# MLflow experiments (by name) of the experiment runs and of the demo.
+MLFLOW_EXPERIMENTS = {"experiment": ("rosenbrock", "optiscope"), "demo": ("optiscope-demo",)}
+
+
+def pages(tensorboard, mlflow, client):
+    """`{file name: URL}` of every screenshot."""
+    scalars = urllib.parse.quote(TENSORBOARD_RUNS["scalars"])
+    demo = urllib.parse.quote(TENSORBOARD_RUNS["demo"])
+    experiment = _experiment(client, MLFLOW_EXPERIMENTS["experiment"])
+    demo_experiment = _experiment(client, MLFLOW_EXPERIMENTS["demo"])
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    child = next((r for r in children if r.data.tags.get("optiscope.best") == "true"), children[0])
+    compared = [r.info.run_id for r in client.search_runs([demo_experiment.experiment_id])]
+    compare = urllib.parse.urlencode(
+        {"runs": json.dumps(compared), "experiments": json.dumps([demo_experiment.experiment_id])}
+    )
+    return {
+        "tensorboard-scalars.png": f"{tensorboard}/#scalars&regexInput={scalars}",
+        "tensorboard-custom-scalars.png": f"{tensorboard}/#custom_scalars&regexInput={demo}",
+        "tensorboard-hparams.png": f"{tensorboard}/#hparams",
+        "tensorboard-histograms.png": f"{tensorboard}/#histograms&regexInput={demo}",
+        "tensorboard-images.png": f"{tensorboard}/#images&regexInput={demo}",
+        "mlflow-experiment.png": f"{mlflow}/#/experiments/{experiment.experiment_id}",
+        "mlflow-parent-run.png": _run_url(mlflow, parent),
+        "mlflow-child-run.png": _run_url(mlflow, child),
+        "mlflow-compare.png": f"{mlflow}/#/compare-runs?{compare}",
+    }
+
+
+def _experiment(client, names):
+    for name in names:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment
+    raise SystemExit(f"screenshots: no MLflow experiment named any of {names}")
+
+
+def _run_url(mlflow, run):
+    return f"{mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def run_jobs(work):
+    """`optiscope run rosenbrock` and `optiscope demo` in `work`, tracked into its mlflow.db."""
+    optiscope = servers.executable("optiscope")
+    for command in ([optiscope, "run", "rosenbrock"], [optiscope, "demo"]):
+        print("$", " ".join(command[1:]), flush=True)
+        subprocess.run(command, cwd=work, env=_environment(work), check=True)
+
+
+def _environment(work):
+    return {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{os.path.join(work, 'mlflow.db')}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+    }
+
+
+def capture(url, path, profile):
+    """One page as a PNG, with the flags that keep Chromium from reaching the network."""
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}", f"--screenshot={path}", f"--window-size={WINDOW}",
+        "--hide-scrollbars", "--virtual-time-budget=15000", url,
+    ]  # fmt: skip
+    subprocess.run(command, capture_output=True, timeout=120, check=True)
+    if not os.path.isfile(path):
+        raise SystemExit(f"screenshots: Chromium wrote no {path} for {url}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=HERE, help="where the PNGs go (default docs/)")
+    parser.add_argument("--work", default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--skip-runs", action="store_true", help="reuse the runs in --work")
+    args = parser.parse_args(argv)
+    if not os.path.exists(CHROMIUM):
+        raise SystemExit(f"screenshots: {CHROMIUM} is missing (Debian: apt install chromium)")
+    with tempfile.TemporaryDirectory(prefix="optiscope-screenshots-") as scratch:
+        work = os.path.abspath(args.work or scratch)
+        os.makedirs(work, exist_ok=True)
+        if not args.skip_runs:
+            run_jobs(work)
+        take_screenshots(work, os.path.abspath(args.out), os.path.join(scratch, "profile"))
+    return 0
+
+
+def take_screenshots(work, out, profile):
+    from mlflow.tracking import MlflowClient
+
+    ports = {"TensorBoard": servers.free_port(), "MLflow UI": servers.free_port()}
+    commands = ui.commands(
+        os.path.join(work, "runs"), _environment(work)["MLFLOW_TRACKING_URI"], *ports.values()
+    )
+    urls = {name: f"http://{ui.HOST}:{port}" for name, port in ports.items()}
+    ready = {"TensorBoard": "/data/logdir", "MLflow UI": "/health"}
+    processes = []
+    try:
+        for name, command in commands.items():
+            log = open(os.path.join(work, f"{name.split()[0].lower()}.log"), "wb")  # noqa: SIM115
+            processes.append(
+                subprocess.Popen(
+                    command, cwd=work, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+            servers.wait_until(
+                lambda n=name: servers.answers(urls[n] + ready[n]), 120, what=f"{name} up"
+            )
+        time.sleep(5)  # TensorBoard's first load of the log directory
+        client = MlflowClient(urls["MLflow UI"])
+        for name, url in pages(urls["TensorBoard"], urls["MLflow UI"], client).items():
+            path = os.path.join(out, name)
+            print(f"{name}: {url}", flush=True)
+            capture(url, path, profile)
+    finally:
+        for process in processes:
+            servers.kill_group(process)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
