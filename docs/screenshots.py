@@ -31,11 +31,12 @@ WINDOW = "1600,1000"
 # Regular expressions on TensorBoard run names: the runs each dashboard opens with. TensorBoard
 # enables every run that matches when at most 40 do.
 TENSORBOARD_RUNS = {
-    "scalars": r"^rosenbrock.*best|^(SignAveraging|SGD-momentum|Adam)-",
-    "demo": r"^(SignAveraging|SGD-momentum|Adam)-",
+    "scalars": r"^rosenbrock/.*/best/",
+    "demo": r"^demo/",
 }
 # MLflow experiments (by name) of the experiment runs and of the demo.
-MLFLOW_EXPERIMENTS = {"experiment": ("rosenbrock", "optiscope"), "demo": ("optiscope-demo",)}
+MLFLOW_EXPERIMENTS = {"experiment": ("optiscope-rosenbrock",), "demo": ("optiscope-demo",)}
+WORKFLOW = "workflowType=machine_learning"  # MLflow 3.x: open on training runs, not traces
 
 
 def pages(tensorboard, mlflow, client):
@@ -45,9 +46,8 @@ def pages(tensorboard, mlflow, client):
     experiment = _experiment(client, MLFLOW_EXPERIMENTS["experiment"])
     demo_experiment = _experiment(client, MLFLOW_EXPERIMENTS["demo"])
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    child = next((r for r in children if r.data.tags.get("optiscope.best") == "true"), children[0])
+    parent = next(r for r in runs if r.data.tags.get("optiscope.role") == "parent")
+    child = next(r for r in runs if r.data.tags.get("optiscope.chosen") == "true")
     compared = [r.info.run_id for r in client.search_runs([demo_experiment.experiment_id])]
     compare = urllib.parse.urlencode(
         {"runs": json.dumps(compared), "experiments": json.dumps([demo_experiment.experiment_id])}
@@ -58,10 +58,10 @@ def pages(tensorboard, mlflow, client):
         "tensorboard-hparams.png": f"{tensorboard}/#hparams",
         "tensorboard-histograms.png": f"{tensorboard}/#histograms&regexInput={demo}",
         "tensorboard-images.png": f"{tensorboard}/#images&regexInput={demo}",
-        "mlflow-experiment.png": f"{mlflow}/#/experiments/{experiment.experiment_id}",
+        "mlflow-experiment.png": f"{mlflow}/#/experiments/{experiment.experiment_id}?{WORKFLOW}",
         "mlflow-parent-run.png": _run_url(mlflow, parent),
         "mlflow-child-run.png": _run_url(mlflow, child),
-        "mlflow-compare.png": f"{mlflow}/#/compare-runs?{compare}",
+        "mlflow-compare.png": f"{mlflow}/#/compare-runs?{compare}&{WORKFLOW}",
     }
 
 
@@ -74,7 +74,7 @@ def _experiment(client, names):
 
 
 def _run_url(mlflow, run):
-    return f"{mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    return f"{mlflow}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{WORKFLOW}"
 
 
 def run_jobs(work):

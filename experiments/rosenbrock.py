@@ -345,7 +345,7 @@ def _as_published_run(name, scanned, points, tracker, config):
     sinks = tracker.setting(label(name, True), params, tags={"optiscope.variant": "as_published"})
     summary = summarize(runs(lr, config.steps, _logger(sinks)))
     sinks.log_hparams(
-        {"optimizer": label(name, True), "learning_rate": lr},
+        {"optimizer": name, "variant": "as_published", "learning_rate": lr},
         {"median_distance": summary["median_distance"],
          "final_distance": summary["distances"][-1, 0]},
     )  # fmt: skip
@@ -398,7 +398,8 @@ def as_published_errors(records):
             for s, (x, y) in post.items()
             if str(s) in record["points"]
         ]
-        errors[record["optimizer"]] = max(gaps)
+        if gaps:
+            errors[record["optimizer"]] = max(gaps)
     return errors
 
 
@@ -409,7 +410,8 @@ def _as_published_notes(records, scans, config):
     low, high, per_decade = config.as_published_grid
     errors = as_published_errors(records)
     chosen = ", ".join(
-        f"{name} lr {r['learning_rate']:.4g} (largest gap to the post's x or y: {errors[name]:.3f})"
+        f"{name} lr {r['learning_rate']:.4g}"
+        + (f" (largest gap to the post's x or y: {errors[name]:.3f})" if name in errors else "")
         for name, r in published.items()
     )
     notes = [

@@ -11,12 +11,15 @@ import urllib.parse
 import pytest
 import servers
 
-from optiscope.experiments import harness, rosenbrock
+from optiscope.experiments import as_published, harness, rosenbrock
 
 pytestmark = pytest.mark.slow
 
 CONFIG = rosenbrock.Config(steps=200, learning_rates=(1e-3, 1e-2), starts=2)
 OPTIMIZERS = list(rosenbrock.optimizers(CONFIG))
+# The post's own code, each at its chosen rate: best runs too, tagged as such.
+AS_PUBLISHED = [rosenbrock.label(name, published=True) for name in rosenbrock.POST_POINTS]
+BEST = OPTIMIZERS + AS_PUBLISHED
 WAIT = 60.0
 
 
@@ -30,7 +33,10 @@ def tracked(tmp_path_factory):
         )
         result = harness.run_tracked(rosenbrock, CONFIG, options)
         with open(result.files["json"]) as file:
-            records = {r["optimizer"]: r for r in json.load(file)["records"]}
+            records = {
+                rosenbrock.label(r["optimizer"], r.get("variant") == "as_published"): r
+                for r in json.load(file)["records"]
+            }
         yield {"url": url, "result": result, "records": records, "logdir": work / "runs"}
 
 
@@ -86,7 +92,9 @@ def test_mlflow_experiment_opens_on_training_runs(tracked):
 
 def test_mlflow_best_runs_are_top_level_and_tagged(tracked):
     best = search(tracked, "tags.`optiscope.role` = 'best'")
-    assert sorted(tags(r)["optiscope.setting"] for r in best) == sorted(OPTIMIZERS)
+    assert sorted(tags(r)["optiscope.setting"] for r in best) == sorted(BEST)
+    published = [r for r in best if tags(r).get("optiscope.variant") == "as_published"]
+    assert sorted(tags(r)["optiscope.setting"] for r in published) == sorted(AS_PUBLISHED)
     for run in best:
         run_tags = tags(run)
         assert run_tags["optiscope.chosen"] == "true"
@@ -188,7 +196,7 @@ def run_root(tracked):
 
 def test_tensorboard_runs_are_best_grid_and_summary(tracked, board):
     root = run_root(tracked)
-    expected = {f"{root}/best/{harness.setting_name(name)}" for name in OPTIMIZERS}
+    expected = {f"{root}/best/{harness.setting_name(name)}" for name in BEST}
     runs = poll(board, "/data/runs", lambda r: expected <= set(r))
     assert f"{root}/summary" in runs
     grid = [r for r in runs if r.startswith(f"{root}/grid/")]
@@ -246,9 +254,10 @@ def test_tensorboard_hparams_of_the_experiment(tracked, board):
         },
     )
     optimizers = {g["hparams"]["optimizer"] for g in groups["sessionGroups"]}
-    # one name each: the class a user would type
+    # one name each: the class a user would type (the post's own code has classes of its own)
     assert optimizers == {
         "SGD", "EMAMomentum", "SignAveraging", "PowerSign", "AddSign", "RMSprop", "Adam",
+        *(cls.__name__ for cls in as_published.ROSENBROCK.values()),
     }  # fmt: skip
     settings = {g["hparams"]["setting"] for g in groups["sessionGroups"]}
     assert set(OPTIMIZERS) <= settings
