@@ -240,7 +240,7 @@ def test_server_restarted_mid_fit_leaves_one_complete_run(tmp_path, recwarn):
             epochs=3,
             verbose=0,
             callbacks=[
-                OptimizerStatsLogger(sinks=[sink, recorder], interval=3),
+                OptimizerStatsLogger(sinks=[sink, recorder], interval=3, close_sinks=True),
                 RestartServer(stack, server, stop_at=6, start_at=14),
             ],
         )
@@ -270,12 +270,18 @@ def test_resumed_training_logs_at_the_uninterrupted_steps(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     straight = RecordingSink()
     fit = dict(batch_size=BATCH, shuffle=False, verbose=0)
-    make_model().fit(x, y, epochs=3, callbacks=[OptimizerStatsLogger(straight, interval=3)], **fit)
+    make_model().fit(
+        x,
+        y,
+        epochs=3,
+        callbacks=[OptimizerStatsLogger(straight, interval=3, close_sinks=True)],
+        **fit,
+    )
 
     first = RecordingSink()
     model = make_model()
     mlflow_sink = MlflowSink(tracking_uri=uri, run_name="resumed", spool_dir=tmp_path / "spool")
-    logger = OptimizerStatsLogger([first, mlflow_sink], interval=3)
+    logger = OptimizerStatsLogger([first, mlflow_sink], interval=3, close_sinks=True)
     model.fit(x, y, epochs=2, callbacks=[logger], **fit)
     model.save(tmp_path / "epoch2.keras")
 
@@ -287,7 +293,7 @@ def test_resumed_training_logs_at_the_uninterrupted_steps(tmp_path):
         y,
         initial_epoch=2,
         epochs=3,
-        callbacks=[OptimizerStatsLogger([resumed, again], interval=3)],
+        callbacks=[OptimizerStatsLogger([resumed, again], interval=3, close_sinks=True)],
         **fit,
     )
 

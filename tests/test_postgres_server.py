@@ -164,7 +164,7 @@ def test_fit_with_the_logger_reads_back(team_server, client, tmp_path):
     recorder = RecordingSink()
     optimizer = InstrumentedAdam(learning_rate=LR)
     logger = OptimizerStatsLogger(
-        sinks=[sink, recorder], interval=INTERVAL, params={"data": "random"}
+        sinks=[sink, recorder], interval=INTERVAL, params={"data": "random"}, close_sinks=True
     )
     fit(make_model(optimizer), [logger])
     assert sink.spool_path is None, sink.last_error

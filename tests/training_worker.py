@@ -57,7 +57,7 @@ def main():
         close_timeout=60,
     )
     recorder = RecordingSink()
-    logger = OptimizerStatsLogger(sinks=[sink, recorder], interval=1)
+    logger = OptimizerStatsLogger(sinks=[sink, recorder], interval=1, close_sinks=True)
     if args.multi_worker:
         scope, prepare = multi_worker_scope()
         with scope:
