@@ -152,7 +152,7 @@ def test_fit_survives_a_tracking_server_restart(client, team_server, tmp_path):
     )
     recorder = RecordingSink()
     restart = RestartTrackingServer(team_server, down_at=3, wait_at=8)
-    logger = OptimizerStatsLogger(sinks=[sink, recorder], interval=1)
+    logger = OptimizerStatsLogger(sinks=[sink, recorder], interval=1, close_sinks=True)
     fit(make_model(InstrumentedAdam(learning_rate=0.01)), [logger, restart], epochs=EPOCHS)
     assert restart.restarted.is_set()
     assert sink.spool_path is None, sink.last_error

@@ -32,7 +32,7 @@ from test_tracking_servers import (
 )
 
 from optiscope.callbacks import OptimizerStatsLogger
-from optiscope.experiments import convergence
+from optiscope.experiments import convergence, harness
 from optiscope.optimizers import InstrumentedAdam
 from optiscope.tracking import MlflowSink
 
@@ -102,20 +102,21 @@ def test_quick_experiment_reads_back(team_server, client, tmp_path):
     config = convergence.Config.quick()
     assert len(records) == len(convergence.optimizers(config)) * len(config.learning_rates)
 
-    experiment = client.get_experiment_by_name("optiscope")
+    experiment = client.get_experiment_by_name(harness.mlflow_experiment("convergence"))
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    (parent,) = [r for r in runs if r.data.tags.get("optiscope.role") == "parent"]
+    settings = [r for r in runs if r.data.tags.get("optiscope.run") == parent.info.run_name]
+    settings = [r for r in settings if r.info.run_id != parent.info.run_id]
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["optiscope.experiment"] == "convergence"
-    assert len(children) == len(records) == len(runs) - 1
+    assert int(parent.data.params["max_iterations"]) == config.max_iterations
+    assert len(settings) == len(records) == len(runs) - 1
     by_setting = {
-        (r.data.params["optimizer"], float(r.data.params["learning_rate"])): r for r in children
+        (r.data.params["setting"], float(r.data.params["learning_rate"])): r for r in settings
     }
     for record in records:
         run = by_setting[(record["optimizer"], record["learning_rate"])]
         assert run.info.status == "FINISHED"
-        assert int(run.data.params["max_iterations"]) == config.max_iterations
         x = sorted(client.get_metric_history(run.info.run_id, "x"), key=lambda m: m.step)
         steps = [m.step for m in x]
         if record["outcome"] == "exploded":  # the NaN step is not logged
@@ -127,10 +128,11 @@ def test_quick_experiment_reads_back(team_server, client, tmp_path):
         assert sorted(loss) == steps
         for m in [m for m in x if math.isfinite(loss[m.step])][:50]:
             assert loss[m.step] == pytest.approx(2 * m.value**4 + 3 * m.value**3 + 2, rel=1e-6)
-        assert (
-            client.get_metric_history(run.info.run_id, "final/iterations")[0].value
-            == (record["iterations"])
+        label = harness.setting_name(
+            f"{record['optimizer']}/{harness.lr_name(record['learning_rate'])}"
         )
+        summary = client.get_metric_history(parent.info.run_id, f"summary/{label}/iterations")
+        assert [m.value for m in summary] == [record["iterations"]]
 
     # Artifacts go through the server into its artifact directory and come back the same.
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
@@ -146,7 +148,9 @@ def test_quick_experiment_reads_back(team_server, client, tmp_path):
         for f in files
     ]  # fmt: skip
     assert any(path.endswith(os.path.join("results", "results.json")) for path in on_disk)
-    (figure,) = [a for a in client.list_artifacts(parent.info.run_id, "figures")]
+    (figure,) = [
+        a for a in client.list_artifacts(parent.info.run_id, "results") if a.path.endswith(".png")
+    ]
     png = client.download_artifacts(parent.info.run_id, figure.path, str(tmp_path / "png"))
     with open(png, "rb") as file:
         assert file.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -179,7 +183,7 @@ def test_fit_with_the_logger_reads_back(team_server, client, tmp_path):
 
     run = client.get_run(sink.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.params["optimizer.class"] == "InstrumentedAdam"
+    assert run.data.params["optimizer.class"] == "Adam"  # the class a user would type
     assert float(run.data.params["optimizer.learning_rate"]) == pytest.approx(LR)
     assert run.data.params["data"] == "random"
     history = client.get_metric_history(sink.run_id, "optimizer/grad_norm/hidden/kernel")

@@ -198,11 +198,18 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def experiment_id(client, name):
     """The id of experiment `name` (created, and tagged as a training experiment, if needed)."""
+    from mlflow.exceptions import MlflowException
+
     if name is None:
         return "0"
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except MlflowException as error:  # another process or sink created it meanwhile
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
     for key, value in EXPERIMENT_KIND.items():
         if key not in experiment.tags:
             client.set_experiment_tag(experiment.experiment_id, key, value)
