@@ -128,11 +128,10 @@ def test_quick_experiment_reads_back(team_server, client, tmp_path):
         assert sorted(loss) == steps
         for m in [m for m in x if math.isfinite(loss[m.step])][:50]:
             assert loss[m.step] == pytest.approx(2 * m.value**4 + 3 * m.value**3 + 2, rel=1e-6)
-        label = harness.setting_name(
-            f"{record['optimizer']}/{harness.lr_name(record['learning_rate'])}"
-        )
-        summary = client.get_metric_history(parent.info.run_id, f"summary/{label}/iterations")
-        assert [m.value for m in summary] == [record["iterations"]]
+
+    # One summary metric per setting on the parent (keys shortened where MLflow refuses `=`).
+    summary = [v for k, v in parent.data.metrics.items() if k.startswith("summary/")]
+    assert sorted(summary) == sorted(float(r["iterations"]) for r in records)
 
     # Artifacts go through the server into its artifact directory and come back the same.
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")
