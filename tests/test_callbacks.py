@@ -18,8 +18,9 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from backends import BACKEND
 
-from optiscope.callbacks import OptimizerStatsLogger
+from optiscope.callbacks import DivergenceGuard, OptimizerStatsLogger
 from optiscope.optimizers import (
     DEFAULT_STATISTICS,
     STATISTICS,
@@ -534,6 +535,24 @@ def test_uninstrumented_optimizer_is_refused():
     model = make_model(keras.optimizers.Adam(0.01))
     with pytest.raises(ValueError, match="Adam"):
         fit(model, [OptimizerStatsLogger(close_sinks=True, sinks=RecordingSink())])
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="tf.distribute is TensorFlow's own")
+@pytest.mark.parametrize("callback", [OptimizerStatsLogger, DivergenceGuard])
+def test_tf_distribute_strategy_is_refused_on_other_backends(callback):
+    tf = pytest.importorskip("tensorflow")
+    model = make_model(InstrumentedSGD(LR))
+    logger_only = {"close_sinks": True, "sinks": RecordingSink()}
+    kwargs = logger_only if callback is OptimizerStatsLogger else {}
+    with (
+        tf.distribute.OneDeviceStrategy("/cpu:0").scope(),
+        pytest.raises(RuntimeError) as raised,
+    ):
+        fit(model, [callback(**kwargs)])
+    message = str(raised.value)
+    assert f"the Keras backend is {BACKEND!r}" in message
+    assert "only on the TensorFlow backend" in message
+    assert "KERAS_BACKEND=tensorflow" in message
 
 
 # --------------------------------------------------------------------------- run status
