@@ -8,6 +8,8 @@ layout with one chart per statistic across groups. Statistics an optimizer does 
 absent from its read, so they are never sent.
 """
 
+import re
+
 from optiscope.optimizers import instrumentation
 from optiscope.optimizers.measures import STATISTICS
 from optiscope.tracking import MlflowSink, TensorBoardSink, naming
@@ -37,13 +39,27 @@ def metrics(statistics, fields=("mean",)):
 
 
 def charts(tags):
-    """One chart per statistic (and per slot of `slot_norm`), drawing it for every group."""
+    """One chart per statistic (and per slot of `slot_norm`): `{title: its tags}`."""
     grouped = {}
     for name in tags:
         parts = name.split("/")
         statistic = "/".join(parts[1:3]) if parts[1] == "slot_norm" else parts[1]
         grouped.setdefault(statistic, []).append(name)
     return grouped
+
+
+def patterns(charts):
+    """`{title: [regular expression]}` of `charts` for `Sink.log_layout`: a chart draws every
+    tag under its name (`^optimizer/grad_norm/`), whatever the model's variables, so that runs
+    of different models share one chart instead of showing each other's tags as missing."""
+    return {title: [chart_pattern(title, tags)] for title, tags in charts.items()}
+
+
+def chart_pattern(prefix, tags):
+    """The tag itself where the chart draws just `prefix` (a global value), else every tag
+    under `prefix/`."""
+    full = tag(prefix) if tags and tags[0].startswith(PREFIX + "/") else prefix
+    return f"^{re.escape(full)}$" if list(tags) == [full] else f"^{re.escape(full)}/"
 
 
 class Publisher:
@@ -82,7 +98,7 @@ class Publisher:
             layout = charts(values)
             if self._views:
                 layout = {t: tags for t, tags in layout.items() if len(tags) <= COMPACT_ABOVE}
-            self.sinks.log_layout(layout)
+            self.sinks.log_layout(patterns(layout))
             self._layout_written = True
         self.sinks.log_metrics(values, step=statistics.step)
         if self._views:

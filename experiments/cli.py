@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 import textwrap
+import urllib.parse
 
 from optiscope.experiments import NAMES, load
 
@@ -140,6 +141,15 @@ def _has_gpu():
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
 
 
+def _tuned_runs_url(run_dir, logdir, dashboard):
+    """A TensorBoard dashboard with this run's tuned settings selected (TensorBoard selects
+    the runs its run filter matches, when at most 40 do)."""
+    from optiscope.experiments import harness
+
+    runs = os.path.relpath(run_dir, logdir).replace(os.sep, "/") + "/best/"
+    return f"{harness.UI_TENSORBOARD}/#{dashboard}&regexInput={urllib.parse.quote(runs)}"
+
+
 def _command(name):
     """How to type the console script `name` installed beside this one, from here."""
     path = os.path.join(os.path.dirname(os.path.abspath(sys.argv[0])), name)
@@ -197,7 +207,9 @@ def _run(args):
             f"TensorBoard runs: {tracker.tensorboard_dir}/ ({', '.join(groups)})\n"
             f"MLflow runs: experiment {tracker.mlflow.experiment_name!r}\n"
             f"Look at them with:  {ui}\n"
-            f"  TensorBoard: {harness.UI_TENSORBOARD}/\n"
+            f"  TensorBoard: {_tuned_runs_url(tracker.tensorboard_dir, args.logdir, 'scalars')}\n"
+            f"  (custom scalars: "
+            f"{_tuned_runs_url(tracker.tensorboard_dir, args.logdir, 'custom_scalars')})\n"
             f"  MLflow:      {tracker.urls.get('MLflow') or harness.UI_MLFLOW}"
         )
     return 0

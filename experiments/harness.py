@@ -16,6 +16,7 @@ import typing
 
 import numpy as np
 
+from optiscope.callbacks import publishing
 from optiscope.tracking import MlflowSink, NullSink, SinkList, TensorBoardSink, naming
 from optiscope.tracking.base import status_of
 
@@ -312,13 +313,14 @@ class Setting(SinkList):
 
 
 def _experiment_charts(tags):
-    """One chart per first path component (`distance/...`), one per Keras key (`epoch/...`)."""
+    """One chart per first path component (`distance/...`), one per Keras key (`epoch/...`),
+    as `Sink.log_layout` patterns."""
     charts = {}
     for tag in sorted(tags):
         parts = tag.split("/")
         title = "/".join(parts[:2]) if parts[0] == "epoch" else parts[0]
         charts.setdefault(title, []).append(tag)
-    return charts
+    return {title: [publishing.chart_pattern(title, members)] for title, members in charts.items()}
 
 
 def plot_series(series, title, limit=6):

@@ -11,7 +11,7 @@ import urllib.parse
 import pytest
 import servers
 
-from optiscope.experiments import as_published, harness, rosenbrock
+from optiscope.experiments import as_published, cli, harness, rosenbrock
 
 pytestmark = pytest.mark.slow
 
@@ -210,6 +210,21 @@ def test_tensorboard_grid_names_sort_in_numeric_order():
     assert names[0] == "lr=0.00001" and names[-1] == "lr=1"
     assert sorted(names) == names
     assert [float(n.removeprefix("lr=")) for n in names] == rates
+
+
+def test_printed_tensorboard_link_selects_the_tuned_runs(tracked, board):
+    root = run_root(tracked)
+    expected = {f"{root}/best/{harness.setting_name(name)}" for name in BEST}
+    runs = poll(board, "/data/runs", lambda r: expected <= set(r))
+    tracker = tracked["result"].tracker
+    for dashboard in ("scalars", "custom_scalars"):
+        url = cli._tuned_runs_url(tracker.tensorboard_dir, str(tracked["logdir"]), dashboard)
+        fragment = urllib.parse.urlsplit(url).fragment
+        assert fragment.startswith(dashboard + "&")
+        (pattern,) = urllib.parse.parse_qs(fragment)["regexInput"]
+        selected = {run for run in runs if re.search(pattern, run)}
+        assert selected == {run for run in runs if run.startswith(f"{root}/best/")}
+        assert len(selected) <= 40  # TensorBoard selects what the filter matches up to 40 runs
 
 
 def test_tensorboard_custom_scalar_layout(tracked, board):

@@ -31,8 +31,9 @@ class Sink:
         """A local file kept with the run."""
 
     def log_layout(self, charts, category="optimizer"):
-        """`charts`: mapping of chart title to the list of tags it draws together, shown
-        under the heading `category`."""
+        """`charts`: mapping of chart title to the regular expressions of the tags it draws
+        together (Python `re`, matched from the tag's start), shown under the heading
+        `category`."""
 
     def log_hparams(self, hparams, metrics):
         """Hyperparameters and final metrics of the run, for side-by-side comparison."""

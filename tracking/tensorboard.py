@@ -7,7 +7,6 @@ TensorBoard callback writer, so both can run side by side: Keras writes `<run>/t
 
 import io
 import os
-import re
 import struct
 import threading
 import time
@@ -134,11 +133,9 @@ class TensorBoardSink(Sink):
                 chart=[
                     layout_pb2.Chart(
                         title=chart,
-                        multiline=layout_pb2.MultilineChartContent(
-                            tag=[f"^{re.escape(tag)}$" for tag in tags]
-                        ),
+                        multiline=layout_pb2.MultilineChartContent(tag=list(patterns)),
                     )
-                    for chart, tags in group.items()
+                    for chart, patterns in group.items()
                 ],
             )
             for title, group in self._layout.items()
