@@ -55,7 +55,10 @@ class Setting:
 
     @property
     def label(self):
-        return f"{self.variant} lr={self.learning_rate:g}"
+        """`<variant> lr=<plain decimal>`: run names sort in numeric order."""
+        from optiscope.experiments import harness
+
+        return f"{self.variant} {harness.lr_name(self.learning_rate)}"
 
 
 RESCUES = {

@@ -163,3 +163,14 @@ def test_cli_prints_data_unavailable_without_traceback(tmp_path):
     assert "Traceback" not in done.stderr
     assert "optiscope run housing:" in done.stderr and "/nonexistent" in done.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_boston_setting_labels_sort_in_numeric_order():
+    from optiscope.experiments import boston
+
+    rates = boston.Config().learning_rates
+    labels = [boston.Setting("full batch", rate).label for rate in rates]
+    by_name = sorted(labels)
+    by_rate = [boston.Setting("full batch", rate).label for rate in sorted(rates)]
+    assert by_name == by_rate
+    assert [float(label.split("lr=")[1]) for label in by_name] == sorted(rates)
