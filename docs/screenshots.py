@@ -53,7 +53,10 @@ def pages(tensorboard, mlflow, client):
         {"runs": json.dumps(compared), "experiments": json.dumps([demo_experiment.experiment_id])}
     )
     return {
-        "tensorboard-scalars.png": f"{tensorboard}/#scalars&regexInput={scalars}",
+        "tensorboard-experiment-scalars.png": f"{tensorboard}/#scalars&regexInput={scalars}",
+        "tensorboard-experiment-custom-scalars.png": (
+            f"{tensorboard}/#custom_scalars&regexInput={scalars}"
+        ),
         "tensorboard-custom-scalars.png": f"{tensorboard}/#custom_scalars&regexInput={demo}",
         "tensorboard-hparams.png": f"{tensorboard}/#hparams",
         "tensorboard-histograms.png": f"{tensorboard}/#histograms&regexInput={demo}",
