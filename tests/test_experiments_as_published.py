@@ -2,26 +2,13 @@
 the Rosenbrock post's PowerSign/AddSign and TensorFlow 1's RMSProp, and the published figures
 they reproduce."""
 
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from shared_data import CALIFORNIA, data_file
 
 from optiscope.experiments import as_published, housing
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CALIFORNIA = DATA / "california_housing.csv.gz"
-
-
-def _data(path):
-    if not path.exists():
-        pytest.skip(
-            f"{DATA} absent: this test needs the offline copy {path.name} "
-            "(see shared/data/README.md)"
-        )
-    return str(path)
 
 
 class _BlogSignAveraging:
@@ -99,7 +86,7 @@ def test_housing_emulation_trains_the_kernel_by_plain_gradient_descent():
 def test_housing_as_published_reproduces_the_post_late_losses():
     """The post's protocol (lr 0.001, batch 32, 50 epochs, seed 42): its training losses at
     epochs 47-50 are matched within 0.003 by its code as it ran."""
-    config = housing.Config(data=_data(CALIFORNIA))
+    config = housing.Config(data=data_file(CALIFORNIA))
     parts = housing.load(config)
     run = housing.train(housing.AS_PUBLISHED, 1e-3, 42, 50, parts, config)
     post = {r["epoch"]: r["post"] for r in housing.REFERENCE}

@@ -7,19 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CALIFORNIA = DATA / "california_housing.csv.gz"
-BOSTON = DATA / "boston_housing.csv.gz"
-
-
-def _data(path):
-    if not path.exists():
-        pytest.skip(
-            f"{DATA} absent: these tests need the offline copy {path.name} "
-            "(see shared/data/README.md)"
-        )
-    return str(path)
+from shared_data import BOSTON, CALIFORNIA, data_file
 
 
 def test_housing_split_sizes_and_scaler_fitted_on_train_only():
@@ -27,7 +15,7 @@ def test_housing_split_sizes_and_scaler_fitted_on_train_only():
 
     from optiscope.experiments import data, housing
 
-    x, y = data.california_housing(_data(CALIFORNIA))
+    x, y = data.california_housing(data_file(CALIFORNIA))
     parts, scaler = housing.split(x, y)
     assert {k: len(v[0]) for k, v in parts.items()} == {"train": 11610, "valid": 3870, "test": 5160}
     assert all(len(xs) == len(ys) and xs.dtype == np.float32 for xs, ys in parts.values())
@@ -43,7 +31,7 @@ def test_housing_split_sizes_and_scaler_fitted_on_train_only():
 def test_boston_split_matches_keras():
     from optiscope.experiments import boston, data
 
-    (x_train, y_train), (x_test, y_test) = data.boston_housing(_data(BOSTON))
+    (x_train, y_train), (x_test, y_test) = data.boston_housing(data_file(BOSTON))
     assert x_train.shape == (404, 13) and x_test.shape == (102, 13)
     np.testing.assert_array_equal(
         x_train[0], [1.23247, 0, 8.14, 0, 0.538, 6.142, 91.7, 3.9769, 4, 307, 21, 396.9, 18.72]
@@ -53,7 +41,7 @@ def test_boston_split_matches_keras():
     )
     assert x_test[0, 0] == 18.0846 and y_test[0] == 7.2
     assert round(y_train.mean(), 6) == 22.395050 and round(y_test.mean(), 6) == 23.078431
-    parts = boston.load(boston.Config(data=_data(BOSTON)))
+    parts = boston.load(boston.Config(data=data_file(BOSTON)))
     np.testing.assert_array_equal(parts["train"][0], x_train.astype("float32"))  # not scaled
 
 
@@ -65,7 +53,7 @@ def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
     from optiscope.experiments import harness
 
     module = importlib.import_module(f"optiscope.experiments.{name}")
-    result = module.run(module.Config.quick(data=_data(path)))
+    result = module.run(module.Config.quick(data=data_file(path)))
     assert isinstance(result, harness.Result) and result.experiment == module.NAME == name
     assert result.records and result.notes and result.reference
     assert all(c in r for r in result.records for c in result.columns if c != "seconds")
@@ -103,7 +91,7 @@ def test_housing_quick_config_is_small():
 def test_boston_collapse_at_lr_1e3_shows_in_the_statistics():
     from optiscope.experiments import boston
 
-    config = boston.Config(data=_data(BOSTON), epochs=3000)
+    config = boston.Config(data=data_file(BOSTON), epochs=3000)
     parts = boston.load(config)
     record, curves = boston.train(boston.Setting("full-batch GD", 1e-3), config, parts)
     logged = curves["zero_grad"]
@@ -121,7 +109,7 @@ def test_boston_collapse_at_lr_1e3_shows_in_the_statistics():
 def test_boston_clipping_keeps_the_hidden_layer_alive():
     from optiscope.experiments import boston
 
-    config = boston.Config(data=_data(BOSTON), epochs=3000)
+    config = boston.Config(data=data_file(BOSTON), epochs=3000)
     setting = boston.Setting("clipnorm 2", 1e-3, clipnorm=2.0)
     record, _ = boston.train(setting, config, boston.load(config))
     assert record["hidden_zero_grad_fraction"] < 1.0
@@ -138,7 +126,7 @@ def test_missing_path_raises_data_unavailable(loader, tmp_path):
 
 
 @pytest.mark.parametrize("loader", ["california_housing", "boston_housing"])
-def test_missing_path_message_says_how_to_provide_data(loader, tmp_path):
+def test_missing_path_message_says_how_to_providedata_file(loader, tmp_path):
     from optiscope.experiments import data
 
     with pytest.raises(data.DataUnavailable) as raised:
