@@ -7,7 +7,7 @@ instrumentation and in how often a callback reads the statistics. Epochs are tim
 interleaved rounds and compared by their medians with the uninstrumented Keras Adam.
 
     python benchmarks/instrumentation_overhead.py [--models mlp cnn deep] [--rounds 7]
-        [--steps-per-execution 1] [--jit-compile]
+        [--steps-per-execution 1] [--jit-compile] [--variants NAME ...]
 """
 
 import argparse
@@ -35,6 +35,21 @@ class ReadEvery(keras.callbacks.Callback):
             self.reads += 1
 
 
+class ScheduledReads(ReadEvery):
+    """Like `ReadEvery`, but schedules its reads first, as `OptimizerStatsLogger` does: only
+    the steps it reads (and steps with a non-finite gradient) are measured."""
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.schedule_reads(self, every=self.interval)
+
+
+class ScheduledNoReads(keras.callbacks.Callback):
+    """Schedules no read at all: only the gradients' finiteness check runs every step."""
+
+    def on_train_begin(self, logs=None):
+        self.model.optimizer.schedule_reads(self)
+
+
 def make_fit(kind, optimizer, callbacks, steps_per_execution, jit_compile):
     build, loss, x, y = _timing.workload(kind)
     model = build()
@@ -49,13 +64,24 @@ def make_fit(kind, optimizer, callbacks, steps_per_execution, jit_compile):
     return fit, len(x) // 32
 
 
+BASELINE = "keras Adam, uninstrumented"
+
+
 def variants():
     return {
-        "keras Adam, uninstrumented": (keras.optimizers.Adam(1e-3), []),
+        BASELINE: (keras.optimizers.Adam(1e-3), []),
         "InstrumentedAdam(statistics=None)": (InstrumentedAdam(1e-3, statistics=None), []),
         "default statistics, never read": (InstrumentedAdam(1e-3), []),
         "default statistics, read every 100 steps": (InstrumentedAdam(1e-3), [ReadEvery(100)]),
         "default statistics, read every step": (InstrumentedAdam(1e-3), [ReadEvery(1)]),
+        "default statistics, scheduled, never read": (
+            InstrumentedAdam(1e-3),
+            [ScheduledNoReads()],
+        ),
+        "default statistics, scheduled every 100": (
+            InstrumentedAdam(1e-3),
+            [ScheduledReads(100)],
+        ),
         "all statistics, read every 100 steps": (
             InstrumentedAdam(1e-3, statistics="all"),
             [ReadEvery(100)],
@@ -73,11 +99,14 @@ def main():
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps-per-execution", type=int, default=1)
     parser.add_argument("--jit-compile", action="store_true", help="compile steps with XLA")
+    parser.add_argument("--variants", nargs="+", help="only these variants (and the baseline)")
     args = parser.parse_args()
     spe = args.steps_per_execution
     fits, steps = {}, {}
     for kind in args.models:
         for name, (optimizer, callbacks) in variants().items():
+            if args.variants and name not in (*args.variants, BASELINE):
+                continue
             fits[kind, name], steps[kind] = make_fit(
                 kind, optimizer, callbacks, spe, args.jit_compile
             )
@@ -88,7 +117,7 @@ def main():
         f"jit_compile={args.jit_compile}; {_timing.machine()}"
     )
     for kind in args.models:
-        base = times[kind, "keras Adam, uninstrumented"]
+        base = times[kind, BASELINE]
         print(f"\n{kind}: {steps[kind]} steps an epoch")
         print(f"{'variant':<44}{'s/epoch':>9}{'ms/step':>9}{'ratio':>8}")
         for (model, name), t in times.items():

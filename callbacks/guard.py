@@ -99,7 +99,8 @@ class DivergenceGuard(keras.callbacks.Callback):
         return math.isnan(value) if self.trigger == "nan" else not math.isfinite(value)
 
     def _diverged(self, loss, gradient, stats):
-        step = stats.step if stats is not None else self._steps
+        # the step of the gradient that showed it (the optimizer's), else of this batch
+        step = stats.step if gradient is not None else self._steps
         kind = "NaN" if self.trigger == "nan" else "non-finite"
         if gradient is not None:
             name, group, value = gradient

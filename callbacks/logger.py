@@ -91,6 +91,13 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             creates a sink closes it.
         interval: read every this many steps. Defaults to 100.
         fields: which window fields to log, from "last", "mean", "max". Defaults to ("mean",).
+        every_step: measure every step, so that each point is the mean (and max) over all the
+            steps of its window, and running totals count every step; this costs the full
+            statistics on every step. Defaults to False: only the steps that are logged (every
+            `interval`-th step and each epoch's last) are measured, plus every step with a
+            non-finite gradient, so each point is the exact value at its step and the divergence
+            guard still finds the first non-finite gradient; the steps in between cost a
+            finiteness check of the gradients (see `Instrumented.schedule_reads`).
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
         compact: one view per statistic across variables, for models with many: a histogram
             over the variables at each read (`optimizer/<statistic>/across_variables`) and a
@@ -110,6 +117,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         sinks=None,
         interval=DEFAULT_INTERVAL,
         fields=("mean",),
+        every_step=False,
         histograms=False,
         compact="auto",
         logdir=DEFAULT_LOGDIR,
@@ -129,6 +137,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 f"Received: fields={fields!r}"
             )
         self.fields = fields
+        self.every_step = check_bool("every_step", every_step)
         if sinks is not None:
             sinks = [sinks] if isinstance(sinks, Sink) else list(sinks)
             bad = [s for s in sinks if not isinstance(s, Sink)]
@@ -172,7 +181,15 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
                 "optimizers."
             )
         start = int(keras.ops.convert_to_numpy(self.optimizer.iterations))
-        if is_chief(self.model):
+        chief = is_chief(self.model)
+        if not self.every_step:  # other workers log nothing: they measure no step
+            self.optimizer.schedule_reads(
+                self,
+                every=self.interval if chief else None,
+                epoch_steps=(self.params or {}).get("steps") if chief else None,
+                start=start,
+            )
+        if chief:
             run_name = self.run_name or naming.run_name(publishing.optimizer_name(self.optimizer))
             sinks = self._given_sinks or default_sinks(
                 self.logdir,
@@ -217,6 +234,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             with contextlib.suppress(Exception):  # a run that failed still closes
                 self._read_and_log()  # the steps since the last read (an interrupted run)
             self._open = False
+            self.optimizer.cancel_reads(self)
             _runs.unregister(self)
             if self.close_sinks:
                 self.sinks.close(status)

@@ -6,14 +6,18 @@ after the wrapped `_backend_update_step` it reduces each selected variable's ste
 scalars (see `measures.py`), aggregates them per variable, layer or globally, and folds the
 result into optimizer-owned non-trainable state that keeps, between two reads, the last value,
 the sum (for the mean), the max, a running total and the first step at which each entry was
-non-finite. `optimizer.statistics()` reads all of it in one device-to-host transfer.
+non-finite. `optimizer.statistics()` reads all of it in one device-to-host transfer. A reader
+that schedules its reads (`schedule_reads`) has only the steps it reads measured, plus every step
+with a non-finite gradient; the others then cost a finiteness check of the gradients.
 """
 
 import collections
 import dataclasses
 import functools
 import inspect
+import math
 import re
+import sys
 
 import keras
 import numpy as np
@@ -49,6 +53,8 @@ class Statistics:
 
     `group` is a variable path, a layer path or "global" depending on the aggregation; the
     per-step values `learning_rate`, `global_grad_norm` and `global_update_norm` have group None.
+    `step` is the last measured optimizer step, `steps` the number of steps the window measured
+    (every step, unless a reader scheduled its reads: see `Instrumented.schedule_reads`).
     """
 
     def __init__(self, step, steps, keys, last, mean, maximum, total, first_nonfinite):
@@ -145,6 +151,8 @@ class _Plan:
     layout: "_Layout | None" = None
     state: object = None  # the state variable (see `_Layout`)
     marks: object = None  # the readers' marks variable
+    schedule: object = None  # which steps are measured (see `schedule_reads`)
+    readers: dict = dataclasses.field(default_factory=dict)  # reader id -> its schedule
     reader: object = None  # compiled `_read_state`
     step_values: object = None  # compiled `_step_state`
 
@@ -382,6 +390,13 @@ class Instrumented:
             aggregation="only_first_replica",
             name=_OWN_PREFIX + "read_marks",
         )
+        plan.schedule = self.add_variable(
+            shape=(len(_SCHEDULE_FIELDS._fields),),
+            initializer=keras.initializers.Constant(self._schedule_vector()),
+            dtype="float64",
+            aggregation="only_first_replica",
+            name=_OWN_PREFIX + "read_schedule",
+        )
 
     @property
     def statistic_keys(self):
@@ -393,10 +408,41 @@ class Instrumented:
     def _active(self):
         return self._optiscope.state is not None
 
+    def _clip_gradients(self, grads):
+        grads = super()._clip_gradients(grads)
+        if self._active():
+            self._optiscope.trace["measured"] = self._measured_step(grads)
+        return grads
+
+    def _measured_step(self, grads):
+        """Whether this step is measured: always when no reader has scheduled its reads (or
+        under a `tf.distribute` strategy), else on the scheduled steps and on every step with
+        a non-finite gradient. A boolean tensor, or None for "always"."""
+        if _has_strategy():
+            return None
+        schedule = _SCHEDULE_FIELDS(*ops.unstack(_read(self._optiscope.schedule)))
+        step = ops.cast(self.iterations + 1, "float64")
+
+        def due(period, origin):
+            remainder = ops.mod(step - origin, ops.maximum(period, 1.0))
+            return ops.logical_and(ops.greater(period, 0.0), ops.equal(remainder, 0.0))
+
+        def nonfinite_gradient():
+            sums = [ops.sum(ops.cast(_values(g), "float32")) for g in grads if g is not None]
+            return ops.logical_not(ops.isfinite(ops.sum(ops.stack(sums))))
+
+        return ops.logical_or(
+            ops.logical_or(ops.equal(schedule.scheduled, 0.0), due(schedule.every, 0.0)),
+            ops.logical_or(
+                due(schedule.epoch_steps, schedule.origin),
+                ops.cond(ops.equal(schedule.scheduled, 0.0), lambda: False, nonfinite_gradient),
+            ),
+        )
+
     def _apply_weight_decay(self, variables):
         plan = self._optiscope
         if self._active() and plan.needs_old and self.weight_decay is not None:
-            plan.trace["pre_decay"] = self._read_selected(variables)
+            plan.trace["pre_decay"] = self._read_selected(variables, plan.trace.get("measured"))
         super()._apply_weight_decay(variables)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
@@ -408,23 +454,35 @@ class Instrumented:
             }
         return reduced
 
-    def _read_selected(self, variables):
+    def _read_selected(self, variables, measured=None):
+        """The measured variables' current values by index; on TensorFlow only on a measured
+        step (a read kept across the update costs a copy of the variable)."""
         rows = self._optiscope.rows
-        values = {}
+        selected = {}
         for variable in variables:
             index = self._get_variable_index(variable)
             if index in rows:
-                values[index] = _read(variable)
-        return values
+                selected[index] = variable
+        if measured is None or keras.backend.backend() != "tensorflow" or _in_xla():
+            return {index: _read(v) for index, v in selected.items()}  # no copy under XLA
+        import tensorflow as tf
+
+        values = tf.cond(
+            measured,
+            lambda: [_read(v) for v in selected.values()],
+            lambda: [tf.zeros((0,), v.dtype) for v in selected.values()],
+        )
+        return dict(zip(selected, values, strict=True))
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         if not self._active():
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         plan = self._optiscope
         trace = plan.trace
+        measured = trace.pop("measured", None)
         old_values = trace.pop("pre_decay", None)
         if plan.needs_old and old_values is None:
-            old_values = self._read_selected(trainable_variables)
+            old_values = self._read_selected(trainable_variables, measured)
         previous = {}
         if plan.needs_previous:
             for variable in trainable_variables:
@@ -454,18 +512,26 @@ class Instrumented:
             )
             old = old_values[index] if plan.needs_old else None
             inputs.append((gradient, old, previous.get(index)))
-        self._measure(inputs, learning_rate)
+        self._measure(inputs, learning_rate, measured)
 
-    def _measure(self, inputs, learning_rate):
-        """Quantities of every measured variable, then the fold into the state."""
+    def _measure(self, inputs, learning_rate, measured):
+        """Quantities of every measured variable, then the fold into the state (on a measured
+        step; the previous gradients are kept on every step)."""
         plan = self._optiscope
         for variable, (gradient, _, _) in zip(plan.selected_variables, inputs, strict=True):
             own = plan.own_previous.get(self._get_variable_index(variable))
             if own is not None and gradient is not None:
                 self.assign(own, gradient)
-        new_state = plan.step_values(
-            inputs, ops.cast(learning_rate, "float64"), ops.cast(self.iterations + 1, "float64")
-        )
+        learning_rate = ops.cast(learning_rate, "float64")
+        step = ops.cast(self.iterations + 1, "float64")
+        if measured is None:
+            new_state = plan.step_values(inputs, learning_rate, step)
+        else:
+            new_state = ops.cond(
+                measured,
+                lambda: plan.step_values(inputs, learning_rate, step),
+                lambda: _read(plan.state),
+            )
         self.assign(plan.state, new_state)
 
     def _step_state(self, inputs, learning_rate, step):
@@ -548,6 +614,58 @@ class Instrumented:
             window=ops.maximum(old.window, requested),
             step=step,
         )
+
+    # ----------------------------------------------------------------- read schedules
+    def schedule_reads(self, reader, every=None, epoch_steps=None, start=0):
+        """Measures only the steps `reader` will read, until `cancel_reads(reader)`.
+
+        Until a reader schedules its reads, every step is measured, so a window's mean, max and
+        totals cover all its steps. Once one has, a step is measured when it is a multiple of
+        `every`, or ends an epoch of `epoch_steps` steps counted from optimizer step `start`,
+        or has a non-finite gradient (so the first non-finite gradient's step and variable are
+        still kept exactly); the others only check their gradients' sum for NaN/Inf. Windows
+        then cover their measured steps (`Statistics.steps`). With several readers, a step is
+        measured when any of them reads it. Each measured value is exact either way.
+
+        Args:
+            reader: any object; one schedule per reader.
+            every: read every this many steps, or None.
+            epoch_steps: steps per epoch (reads at each epoch's end), or None.
+            start: the optimizer step the epochs count from. Defaults to 0.
+        """
+        for name, value in (("every", every), ("epoch_steps", epoch_steps)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(
+                    f"Argument `{name}` must be a positive integer or None. "
+                    f"Received: {name}={value!r}"
+                )
+        plan = self._optiscope
+        plan.readers[id(reader)] = (every, epoch_steps, start)
+        self._write_schedule()
+
+    def cancel_reads(self, reader):
+        """Withdraws `reader`'s schedule; with none left, every step is measured again."""
+        self._optiscope.readers.pop(id(reader), None)
+        self._write_schedule()
+
+    def _write_schedule(self):
+        plan = self._optiscope
+        if plan.schedule is not None:  # else written when the optimizer is built
+            self.assign(plan.schedule, self._schedule_vector())
+
+    def _schedule_vector(self):
+        schedules = list(self._optiscope.readers.values())
+        periods = [every for every, _, _ in schedules if every]
+        epochs = [(steps, start) for _, steps, start in schedules if steps]
+        epoch_steps, origin = epochs[-1] if epochs else (0, 0)
+        every = math.gcd(*periods) if periods else 0
+        return np.array(_SCHEDULE_FIELDS(bool(schedules), every, epoch_steps, origin), "float64")
+
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        self._write_schedule()  # the readers of this optimizer, not of the saved one
 
     # ----------------------------------------------------------------- reading
     def slot_values(self):
@@ -679,6 +797,31 @@ class _Layout:
             window=0.0,
             step=0.0,
         )
+
+
+_SCHEDULE_FIELDS = collections.namedtuple("Schedule", "scheduled every epoch_steps origin")
+
+
+def _values(gradient):
+    """A gradient's values (those of a sparse `IndexedSlices` gradient)."""
+    return gradient.values if hasattr(gradient, "indices") else gradient
+
+
+def _has_strategy():
+    tf = sys.modules.get("tensorflow")
+    return (
+        keras.backend.backend() == "tensorflow" and tf is not None and tf.distribute.has_strategy()
+    )
+
+
+def _in_xla():
+    """Whether TensorFlow is tracing an XLA-compiled function (True when it cannot tell)."""
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:
+        return True
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _compiled(fn, jit_compile=False):

@@ -35,6 +35,10 @@ def logger(tmp_path, **kwargs):
     return OptimizerStatsLogger(sinks=[NullSink()], **kwargs)
 
 
+def schedule(tmp_path, **kwargs):
+    return InstrumentedSGD(0.1).schedule_reads("a reader", **kwargs)
+
+
 # (what is built, keyword arguments, the message it must give)
 BAD = [
     # Keras built-ins, instrumented: what Keras leaves unchecked (or words misleadingly)
@@ -58,6 +62,8 @@ BAD = [
     (InstrumentedSGD, {"learning_rate": NAN}, r"`learning_rate` must be in \(0, inf\)\. .*=nan"),
     (InstrumentedSGD, {"momentum": 1.0}, r"`momentum` must be in \[0, 1\)\. .*=1\.0"),
     (InstrumentedSGD, {"momentum": NAN}, r"`momentum` must be in \[0, 1\)\. .*=nan"),
+    (schedule, {"every": 0}, r"`every` must be a positive integer or None.*=0"),
+    (schedule, {"epoch_steps": 2.5}, r"`epoch_steps` must be a positive integer or None.*=2\.5"),
     (InstrumentedRMSprop, {"rho": 1.0}, r"`rho` must be in \[0, 1\)\. .*=1\.0"),
     (InstrumentedRMSprop, {"rho": -0.5}, r"`rho` must be in \[0, 1\)\. .*=-0\.5"),
     (InstrumentedRMSprop, {"momentum": 2.0}, r"`momentum` must be in \[0, 1\)\. .*=2\.0"),
@@ -98,6 +104,7 @@ BAD = [
     (logger, {"interval": "5"}, r"`interval` must be a positive integer.*='5'"),
     (logger, {"fields": ["median"]}, r"`fields` must be a non-empty list of .*'median'"),
     (logger, {"fields": []}, r"`fields` must be a non-empty list of"),
+    (logger, {"every_step": 1}, r"`every_step` must be True or False.*=1"),
     (logger, {"histograms": "yes"}, r"`histograms` must be True or False.*='yes'"),
     (logger, {"run_name": ""}, r"`run_name` must be a non-empty string"),
     (logger, {"experiment_name": 1.5}, r"`experiment_name` must be a non-empty string.*=1\.5"),
@@ -123,7 +130,7 @@ def _id(case):
 @pytest.mark.parametrize(("build", "kwargs", "message"), BAD, ids=[_id(c) for c in BAD])
 def test_bad_argument_is_refused(build, kwargs, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        if build in (mlflow_sink, tensorboard_sink, logger):
+        if build in (mlflow_sink, tensorboard_sink, logger, schedule):
             build(tmp_path, **kwargs)
         else:
             build(**kwargs)

@@ -292,7 +292,12 @@ def test_logged_values_are_window_statistics():
     fields = ("mean", "last", "max")
     fit(
         model,
-        [direct, OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=5, fields=fields)],
+        [
+            direct,
+            OptimizerStatsLogger(
+                close_sinks=True, sinks=sink, interval=5, every_step=True, fields=fields
+            ),
+        ],
     )
     keys = keys_of(model)
     assert keys == ["dense/kernel", "dense/bias"]
@@ -315,12 +320,62 @@ def test_logged_values_are_window_statistics():
                 assert metrics[total] == summary.total, (total, step)
 
 
+def check_values_at_steps(records, reference, fields=("mean",), rtol=1e-4, atol=1e-7):
+    """Each record at step s holds every statistic's value at step s (its one measured step)."""
+    for step, metrics in records:
+        for name, value in reference[step - 1].items():
+            head, _, group = name.partition("/")
+            for field in fields:
+                suffix = "" if field == "mean" else f"_{field}"
+                tag = f"optimizer/{head}{suffix}" + (f"/{group}" if group else "")
+                np.testing.assert_allclose(
+                    metrics[tag], value, rtol=rtol, atol=atol, err_msg=f"{tag} at step {step}"
+                )
+
+
+def test_by_default_only_the_logged_steps_are_measured():
+    """interval=5, 12 steps an epoch: the optimizer measures steps 5, 10, 12, 15, 20 and 24,
+    each point is its step's exact value in every field, and once training ends (the logger's
+    schedule withdrawn) the optimizer measures every step again."""
+    sink = RecordingSink()
+    model = make_model(InstrumentedSGD(LR))
+    fields = ("mean", "last", "max")
+    fit(model, [OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=5, fields=fields)])
+    records = sink.statistics_records()
+    assert [step for step, _ in records] == [5, 10, 12, 15, 20, 24]
+    for step, metrics in records:
+        assert set(metrics) == expected_tags(keys_of(model), fields=fields), step
+    check_values_at_steps(records, simulate_sgd(), fields=fields)
+
+    fit(model, [], epochs=1)
+    statistics = model.optimizer.statistics()
+    assert statistics.steps == STEPS_PER_EPOCH
+    assert statistics.step == STEPS + STEPS_PER_EPOCH
+
+
+def test_by_default_a_read_after_its_step_shows_that_step():
+    """Batch hooks run once per execution of 4 steps: with interval=6 the read at step 8 finds
+    step 6 measured, and labels the point with it."""
+    sink = RecordingSink()
+    model = make_model(InstrumentedSGD(LR), steps_per_execution=4)
+    fit(model, [OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=6)])
+    records = sink.statistics_records()
+    assert [step for step, _ in records] == [6, 12, 18, 24]
+    check_values_at_steps(records, simulate_sgd())
+
+
 def test_cumulative_totals_sum_the_windows():
     """SignAveraging's `sign_flip_count` is cumulative: at every read its `_total` equals the sum
     of the per-step counts so far, i.e. the sum of window means times window lengths."""
     sink = RecordingSink()
     model = make_model(SignAveraging(learning_rate=0.4))
-    fit(model, [DirectReads(), OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=3)])
+    fit(
+        model,
+        [
+            DirectReads(),
+            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=3, every_step=True),
+        ],
+    )
     records = sink.statistics_records()
     keys = keys_of(model)
     tags = expected_tags(keys, (*DEFAULT_STATISTICS, "sign_flip_fraction", "sign_flip_count"))
@@ -390,14 +445,26 @@ def test_steps_per_execution():
     execution, and labels each read with the optimizer's step."""
     sink = RecordingSink()
     model = make_model(InstrumentedSGD(LR), steps_per_execution=4)
-    fit(model, [DirectReads(), OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=6)])
+    fit(
+        model,
+        [
+            DirectReads(),
+            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=6, every_step=True),
+        ],
+    )
     records = sink.statistics_records()
     assert [step for step, _ in records] == [8, 12, 20, 24]
     check_windows(records, simulate_sgd())
 
     sink = RecordingSink()
     model = make_model(InstrumentedSGD(LR), steps_per_execution=4)
-    fit(model, [DirectReads(), OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=1)])
+    fit(
+        model,
+        [
+            DirectReads(),
+            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=1, every_step=True),
+        ],
+    )
     records = sink.statistics_records()
     assert [step for step, _ in records] == [4, 8, 12, 16, 20, 24]
     check_windows(records, simulate_sgd())
@@ -406,7 +473,13 @@ def test_steps_per_execution():
 def test_jit_compile():
     sink = RecordingSink()
     model = make_model(InstrumentedSGD(LR), jit_compile=True)
-    fit(model, [DirectReads(), OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=5)])
+    fit(
+        model,
+        [
+            DirectReads(),
+            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=5, every_step=True),
+        ],
+    )
     records = sink.statistics_records()
     assert {step for step, _ in records} >= {5, 10, 12, 24}
     check_windows(records, simulate_sgd())
@@ -419,7 +492,13 @@ def test_loss_scale_optimizer(mixed_float16):
     optimizer = InstrumentedSGD(LR)
     model = make_model(optimizer)
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    fit(model, [DirectReads(), OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=4)])
+    fit(
+        model,
+        [
+            DirectReads(),
+            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=4, every_step=True),
+        ],
+    )
     assert int(optimizer.iterations) == STEPS  # premise: no step skipped for an overflow
     records = sink.statistics_records()
     assert [step for step, _ in records] == [4, 8, 12, 16, 20, 24]
@@ -436,7 +515,11 @@ def test_async_dispatch_reads_whole_windows():
     previous read; nothing is logged twice and the last read ends at the last step."""
     sink = RecordingSink()
     model = make_model(InstrumentedSGD(LR))
-    fit(model, [OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=1)], epochs=3)
+    fit(
+        model,
+        [OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=1, every_step=True)],
+        epochs=3,
+    )
     records = sink.statistics_records()
     steps = [step for step, _ in records]
     assert steps == sorted(set(steps))
@@ -467,7 +550,7 @@ def test_epoch_aggregates_in_history_and_csv(tmp_path):
     history = fit(
         model,
         [
-            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=5),
+            OptimizerStatsLogger(close_sinks=True, sinks=sink, interval=5, every_step=True),
             keras.callbacks.CSVLogger(str(csv_path)),
         ],
     )
@@ -527,7 +610,12 @@ def test_epoch_aggregates_of_sign_statistics(make_optimizer, statistic, missing)
     """The sign statistics' aggregate is the epoch's mean over its groups, step-weighted."""
     model = make_model(make_optimizer())
     history = fit(
-        model, [OptimizerStatsLogger(close_sinks=True, sinks=RecordingSink(), interval=5)]
+        model,
+        [
+            OptimizerStatsLogger(
+                close_sinks=True, sinks=RecordingSink(), interval=5, every_step=True
+            )
+        ],
     )
     keys = keys_of(model)
     per_step = per_step_values(make_optimizer, [f"{statistic}/{key}" for key in keys])

@@ -182,6 +182,24 @@ def test_nonfinite_trigger_stops_at_step_5():
     assert "step 5" in report["message"]
 
 
+def test_scheduled_reads_still_find_the_first_nonfinite_gradient():
+    """With reads scheduled every 100 steps (as `OptimizerStatsLogger` does), steps 1-4 are not
+    measured, but the non-finite gradients of steps 5 and 6 are, so the report is the same."""
+    guard = DivergenceGuard(trigger="nan")
+    optimizer = InstrumentedSGD(LR)
+    optimizer.schedule_reads(guard, every=100)
+    model, values, _ = train(optimizer, guard)
+    key = variable_keys(model.trainable_variables)[0]
+
+    assert int(optimizer.iterations) == 6
+    check_trajectory(values, 6)
+    assert optimizer.statistics().steps == 2  # steps 5 and 6 only
+    report = guard.report
+    assert (report["step"], report["statistic"], report["variable"]) == (6, "grad_norm", key)
+    assert (report["began_at"], report["first_statistic"]) == (5, "grad_norm")
+    assert report["first_variable"] == key
+
+
 def test_check_every_reports_where_it_began():
     """Checked every 4 steps, the NaN is found at step 8, and the report says it began at 5."""
     guard = DivergenceGuard(trigger="nan", check_every=4)
