@@ -703,6 +703,49 @@ def test_tensorboard_hparams(tensorboard_run):
     assert values["hparams/loss"] == pytest.approx(tensorboard_run["history"]["loss"][-1], rel=1e-6)
 
 
+def test_tensorboard_hparams_columns_of_runs_with_different_metrics(tmp_path):
+    """Two runs in one log directory, as two experiments write them: different hyperparameters
+    and different final metrics. The HParams dashboard lists every column of both, and each
+    run's values (TensorBoard shows one experiment summary: the first it finds)."""
+    logdir = tmp_path / "runs"
+    first = TensorBoardSink(logdir=logdir, run_name="rosenbrock/r1/best/Adam", subdir=None)
+    first.log_hparams({"optimizer": "Adam", "learning_rate": 0.01}, {"final_distance": 0.5})
+    first.close()
+    second = TensorBoardSink(logdir=logdir, run_name="convergence/r2/best/SGD", subdir=None)
+    second.log_hparams({"optimizer": "SGD", "momentum": 0.9}, {"iterations": 12.0})
+    second.close()
+    again = TensorBoardSink(logdir=logdir, run_name="convergence/r3/best/SGD", subdir=None)
+    again.log_hparams({"optimizer": "SGD", "momentum": 0.5}, {"iterations": 20.0})  # no new name
+    again.close()
+    with servers.tensorboard_server(logdir) as url:
+        tb_poll(url, "/data/plugin/scalars/tags", lambda tags: len(tags) == 3)
+        experiment = servers.post_json(
+            url + "/data/plugin/hparams/experiment", {"experimentName": "", "includeMetrics": True}
+        )
+        names = [info["name"] for info in experiment["hparamInfos"]]
+        assert sorted(names) == ["learning_rate", "momentum", "optimizer"]
+        metrics = sorted(info["name"]["tag"] for info in experiment["metricInfos"])
+        assert metrics == ["hparams/final_distance", "hparams/iterations"]
+        groups = servers.post_json(
+            url + "/data/plugin/hparams/session_groups",
+            {
+                "experimentName": "",
+                "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS"],
+                "colParams": [],
+                "startIndex": 0,
+                "sliceSize": 100,
+                "includeMetrics": True,
+            },
+        )
+    values = {
+        group["name"]: {m["name"]["tag"]: m["value"] for m in group["metricValues"]}
+        for group in groups["sessionGroups"]
+    }
+    assert values["rosenbrock/r1/best/Adam"] == {"hparams/final_distance": 0.5}
+    assert values["convergence/r3/best/SGD"] == {"hparams/iterations": 20.0}
+    assert len(values) == 3
+
+
 def test_tensorboard_slot_histograms(tensorboard_run):
     expected = {f"slots/{slot}/{key}" for slot in ("momentum", "velocity") for key in KEYS}
     tags = tb_poll(

@@ -5,7 +5,10 @@ TensorBoard callback writer, so both can run side by side: Keras writes `<run>/t
 `<run>/optiscope`.
 """
 
+import contextlib
+import glob
 import io
+import json
 import os
 import struct
 import threading
@@ -31,6 +34,8 @@ from optiscope.tracking._checks import (
 from optiscope.tracking.base import Sink
 
 DEFAULT_LOGDIR = "runs"
+HPARAMS_INDEX = ".optiscope-hparams.json"  # in the log directory: the experiment's columns
+_HPARAMS_SUFFIX = ".hparams"  # of the root event file that holds them
 
 
 class TensorBoardSink(Sink):
@@ -143,13 +148,11 @@ class TensorBoardSink(Sink):
         self._write(custom_scalar_summary.pb(layout_pb2.Layout(category=categories)), 0)
 
     def log_hparams(self, hparams, metrics):
+        """The run's hyperparameters and final metrics (`hparams/<name>`). The HParams columns
+        are those of the whole log directory (see `write_hparams_columns`)."""
         values = {name: _hparam_value(value) for name, value in hparams.items()}
         tags = {f"hparams/{name}": value for name, value in metrics.items()}
-        config = hparams_summary.hparams_config_pb(
-            hparams=[hparams_summary.HParam(name) for name in values],
-            metrics=[hparams_summary.Metric(tag) for tag in tags],
-        )
-        self._write(config, 0)
+        write_hparams_columns(self.logdir, values, tags)
         self._write(hparams_summary.hparams_pb(values, trial_id=self.run_name), 0)
         self.log_metrics(tags, 0)
 
@@ -166,6 +169,47 @@ class TensorBoardSink(Sink):
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+
+
+def write_hparams_columns(logdir, hparams, metric_tags):
+    """Adds hyperparameter names and metric tags to the HParams columns of `logdir`.
+
+    TensorBoard's HParams dashboard shows the first experiment summary it finds, so runs that
+    each wrote their own would show one run's columns only. Runs write none; the log
+    directory's root holds one summary with every name any run logged (kept in
+    `HPARAMS_INDEX`), rewritten when a name is new. Safe across processes where `fcntl` is.
+    """
+    os.makedirs(logdir, exist_ok=True)
+    index_path = os.path.join(logdir, HPARAMS_INDEX)
+    with open(index_path + ".lock", "a") as lock:
+        with contextlib.suppress(ImportError):
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(index_path) as handle:
+                index = json.load(handle)
+        except (OSError, ValueError):
+            index = {"hparams": [], "metrics": []}
+        new_hparams = [n for n in hparams if n not in index["hparams"]]
+        new_metrics = [t for t in metric_tags if t not in index["metrics"]]
+        if not new_hparams and not new_metrics:
+            return
+        index["hparams"] += new_hparams
+        index["metrics"] += new_metrics
+        config = hparams_summary.hparams_config_pb(
+            hparams=[hparams_summary.HParam(name) for name in index["hparams"]],
+            metrics=[hparams_summary.Metric(tag) for tag in index["metrics"]],
+        )
+        for old in glob.glob(os.path.join(logdir, f"events.out.tfevents.*{_HPARAMS_SUFFIX}")):
+            os.remove(old)
+        writer = EventFileWriter(logdir, filename_suffix=_HPARAMS_SUFFIX)
+        summary = summary_pb2.Summary.FromString(config.SerializeToString())
+        writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
+        writer.close()
+        with open(index_path + ".tmp", "w") as handle:
+            json.dump(index, handle, indent=1)
+        os.replace(index_path + ".tmp", index_path)
 
 
 def _hparam_value(value):
