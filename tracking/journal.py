@@ -40,9 +40,15 @@ class Journal:
     """An append-only journal file in `spool_dir`; each line is flushed as it is written."""
 
     def __init__(self, spool_dir, header):
+        # Only a directory this journal created is removed with it: others may be shared.
+        self._made_dir = not os.path.isdir(spool_dir)
         writable_directory("spool_dir", spool_dir)
         prefix = re.sub(r"[^A-Za-z0-9_.-]", "_", str(header.get("run_name") or "run"))[:100]
-        fd, path = tempfile.mkstemp(dir=spool_dir, prefix=f"{prefix}-", suffix=SUFFIX)
+        try:
+            fd, path = tempfile.mkstemp(dir=spool_dir, prefix=f"{prefix}-", suffix=SUFFIX)
+        except FileNotFoundError:  # another process just removed the emptied directory
+            writable_directory("spool_dir", spool_dir)
+            fd, path = tempfile.mkstemp(dir=spool_dir, prefix=f"{prefix}-", suffix=SUFFIX)
         self.path = os.path.abspath(path)
         self._file = os.fdopen(fd, "w")
         self._lock = threading.Lock()
@@ -63,13 +69,15 @@ class Journal:
                 self._file.flush()  # in the OS' hands: survives the death of this process
 
     def close(self, keep):
-        """Closes the file; removes it (and an emptied spool directory) unless `keep`."""
+        """Closes the file; removes it (and the spool directory it created, once empty) unless
+        `keep`."""
         with self._lock:
             self._file.close()
         if not keep:
             os.remove(self.path)
-            with contextlib.suppress(OSError):
-                os.rmdir(os.path.dirname(self.path))
+            if self._made_dir:
+                with contextlib.suppress(OSError):  # not empty: another journal is in it
+                    os.rmdir(os.path.dirname(self.path))
 
 
 def read(path):
