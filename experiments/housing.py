@@ -196,12 +196,24 @@ def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
     return {"loss": losses, "val_loss": valid, "seconds": seconds, "weights": weights, **final}
 
 
-def tune(name, parts, config):
+def tune(name, parts, config, tracker):
     """`(chosen learning rate, {lr: validation MSE after the tuning budget})`: the lowest
-    finite validation MSE wins, ties go to the smaller rate."""
+    finite validation MSE wins, ties go to the smaller rate. Each rate is a grid setting of
+    `tracker`."""
+    from optiscope.experiments import harness
+
     scores = {}
     for lr in config.learning_rates:
-        run = train(name, lr, config.seed, config.tuning_epochs, parts, config)
+        params = {
+            **dataclasses.asdict(config),
+            "optimizer": name,
+            "learning_rate": lr,
+            "seed": config.seed,
+            "epochs": config.tuning_epochs,
+        }
+        label = f"{name}/{harness.lr_name(lr)}"
+        with tracker.setting(label, params, group="grid") as sinks:
+            run = train(name, lr, config.seed, config.tuning_epochs, parts, config, sinks)
         scores[lr] = run["valid"]
     finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
     chosen = min(finite, key=lambda lr: (finite[lr], lr)) if finite else None
@@ -266,7 +278,7 @@ def run(config=Config(), tracker=None, options=None):
     with harness.progress(total, NAME, options.progress) as advance:
         tuning_start = time.perf_counter()
         for name in names:
-            chosen, scores = tune(name, parts, config)
+            chosen, scores = tune(name, parts, config, tracker)
             tuning[name] = {"chosen": chosen, "scores": scores}
             for _ in scores:
                 advance(f"{NAME}: tuning {name}")

@@ -53,19 +53,28 @@ def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
     from optiscope.experiments import harness
 
     module = importlib.import_module(f"optiscope.experiments.{name}")
-    result = module.run(module.Config.quick(data=data_file(path)))
+    config = module.Config.quick(data=data_file(path))
+    if name == "housing":  # tracked into a local MLflow store and a TensorBoard log dir
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        options = harness.Options(
+            out=str(tmp_path), logdir=str(tmp_path / "runs"), tracking_uri=uri, progress=False
+        )
+        result = harness.run_tracked(module, config, options)
+        files = result.files
+        check_housing_grid_runs(result.tracker, config, uri)
+    else:
+        result = module.run(config)
+        files = harness.write(result, str(tmp_path))
     assert isinstance(result, harness.Result) and result.experiment == module.NAME == name
     assert result.records and result.notes and result.reference
     assert all(c in r for r in result.records for c in result.columns if c != "seconds")
     assert set(result.reference_columns) >= set(module.REFERENCE_COLUMNS)
-    files = harness.write(result, str(tmp_path))
     expected = {"json", "csv", "md", *result.figures}
     assert set(files) == expected and len(result.figures) == 2
     assert all(Path(p).is_file() and Path(p).stat().st_size > 0 for p in files.values())
     written = json.loads(Path(files["json"]).read_text())
     assert len(written["records"]) == len(result.records)
     assert result.table() in Path(files["md"]).read_text()
-    config = module.Config.quick()
     if name == "housing":
         published = [r for r in written["records"] if r.get("variant") == "as_published"]
         assert [r["optimizer"] for r in published] == [module.AS_PUBLISHED]
@@ -78,6 +87,31 @@ def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
             values = record["seeds_best_test_mse_values"]
             assert len(values) == config.seeds and values[0] == record["best_test_mse"]
             assert record["seeds_best_test_mse_min"] <= record["seeds_best_test_mse_median"]
+
+
+def check_housing_grid_runs(tracker, config, uri):
+    """Each tuning run is a grid setting: nested under the parent run in MLflow, with its
+    per-epoch loss over the tuning budget, and under `grid/` in TensorBoard."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("optiscope-housing")
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], "tags.`optiscope.role` = 'parent'"
+    )
+    grid = client.search_runs([experiment.experiment_id], "tags.`optiscope.role` = 'grid'")
+    expected = {
+        f"{name}/lr={lr:g}" for name in config.optimizers for lr in config.learning_rates
+    }
+    assert {run.data.tags["optiscope.setting"] for run in grid} == expected
+    for run in grid:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+        assert run.data.params["epochs"] == str(config.tuning_epochs)
+        history = client.get_metric_history(run.info.run_id, "epoch/loss")
+        assert [m.step for m in history] == list(range(1, config.tuning_epochs + 1))
+    board = Path(tracker.tensorboard_dir) / "grid"
+    assert sorted(p.name for p in board.iterdir()) == sorted(config.optimizers)
 
 
 def test_housing_quick_config_is_small():
