@@ -2,8 +2,11 @@
 
 Runs `optiscope run rosenbrock` and `optiscope demo` (what `make run` and the README's demo do)
 in a temporary directory, starts TensorBoard and the MLflow UI exactly as `optiscope ui` does
-(on free ports), and captures each page with Debian's headless Chromium (`/usr/bin/chromium`,
-the `chromium` package; nothing is downloaded). The PNGs go to `docs/`.
+(on free ports), and captures each page with Debian's headless Chromium driven by Selenium
+(`/usr/bin/chromium` and `/usr/bin/chromedriver`, the `chromium` and `chromium-driver`
+packages; `pip install -e ".[docs]"` for Selenium; nothing is downloaded). Where MLflow opens
+its Assistant panel on a first visit, the panel is closed, as a person does once. The PNGs go
+to `docs/`.
 
     .venv/bin/python docs/screenshots.py [--out docs] [--work DIR] [--skip-runs]
 
@@ -24,10 +27,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 import servers  # noqa: E402  (free ports, waiting, process groups)
 
-from optiscope.experiments import ui  # noqa: E402
+from optiscope.experiments import harness, ui  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
-WINDOW = "1600,1000"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+WIDTH, HEIGHT = 1600, 1000
+SETTLE = 10  # seconds a page gets to load its data before the capture
 # Regular expressions on TensorBoard run names: the runs each dashboard opens with. TensorBoard
 # enables every run that matches when at most 40 do.
 TENSORBOARD_RUNS = {
@@ -61,7 +66,7 @@ def pages(tensorboard, mlflow, client):
         "tensorboard-hparams.png": f"{tensorboard}/#hparams",
         "tensorboard-histograms.png": f"{tensorboard}/#histograms&regexInput={demo}",
         "tensorboard-images.png": f"{tensorboard}/#images&regexInput={demo}",
-        "mlflow-experiment.png": f"{mlflow}/#/experiments/{experiment.experiment_id}?{WORKFLOW}",
+        "mlflow-experiment.png": harness.mlflow_runs_url(mlflow, experiment.experiment_id),
         "mlflow-parent-run.png": _run_url(mlflow, parent),
         "mlflow-child-run.png": _run_url(mlflow, child),
         "mlflow-compare.png": f"{mlflow}/#/compare-runs?{compare}&{WORKFLOW}",
@@ -96,17 +101,38 @@ def _environment(work):
     }
 
 
-def capture(url, path, profile):
-    """One page as a PNG, with the flags that keep Chromium from reaching the network."""
-    command = [
-        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+def browser():
+    """Headless Chromium with a viewport of WIDTH x HEIGHT, kept off the network."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}", f"--screenshot={path}", f"--window-size={WINDOW}",
-        "--hide-scrollbars", "--virtual-time-budget=15000", url,
-    ]  # fmt: skip
-    subprocess.run(command, capture_output=True, timeout=120, check=True)
-    if not os.path.isfile(path):
-        raise SystemExit(f"screenshots: Chromium wrote no {path} for {url}")
+    ):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+    )
+    return driver
+
+
+def capture(driver, url, path):
+    """One page as a PNG (a fresh load: TensorBoard reads its URL's hash only when it starts)."""
+    from selenium.webdriver.common.by import By
+
+    driver.get("about:blank")
+    driver.get(url)
+    time.sleep(SETTLE)
+    close = '[data-component-id="mlflow.assistant.chat_panel.close"]'
+    for button in driver.find_elements(By.CSS_SELECTOR, close):
+        driver.execute_script("arguments[0].click()", button)
+        time.sleep(1)
+    driver.save_screenshot(path)
 
 
 def main(argv=None):
@@ -115,18 +141,19 @@ def main(argv=None):
     parser.add_argument("--work", default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--skip-runs", action="store_true", help="reuse the runs in --work")
     args = parser.parse_args(argv)
-    if not os.path.exists(CHROMIUM):
-        raise SystemExit(f"screenshots: {CHROMIUM} is missing (Debian: apt install chromium)")
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.path.exists(path):
+            raise SystemExit(f"screenshots: {path} is missing (Debian: apt install {package})")
     with tempfile.TemporaryDirectory(prefix="optiscope-screenshots-") as scratch:
         work = os.path.abspath(args.work or scratch)
         os.makedirs(work, exist_ok=True)
         if not args.skip_runs:
             run_jobs(work)
-        take_screenshots(work, os.path.abspath(args.out), os.path.join(scratch, "profile"))
+        take_screenshots(work, os.path.abspath(args.out))
     return 0
 
 
-def take_screenshots(work, out, profile):
+def take_screenshots(work, out):
     from mlflow.tracking import MlflowClient
 
     ports = {"TensorBoard": servers.free_port(), "MLflow UI": servers.free_port()}
@@ -149,10 +176,13 @@ def take_screenshots(work, out, profile):
             )
         time.sleep(5)  # TensorBoard's first load of the log directory
         client = MlflowClient(urls["MLflow UI"])
-        for name, url in pages(urls["TensorBoard"], urls["MLflow UI"], client).items():
-            path = os.path.join(out, name)
-            print(f"{name}: {url}", flush=True)
-            capture(url, path, profile)
+        driver = browser()
+        try:
+            for name, url in pages(urls["TensorBoard"], urls["MLflow UI"], client).items():
+                print(f"{name}: {url}", flush=True)
+                capture(driver, url, os.path.join(out, name))
+        finally:
+            driver.quit()
     finally:
         for process in processes:
             servers.kill_group(process)

@@ -161,7 +161,9 @@ class Tracker:
       `Config`; metrics `summary/<setting>/<metric>`; the result files as artifacts), the
       best settings as top-level runs (tags `optiscope.role=best`, `optiscope.chosen=true`),
       the grid runs nested under the parent (`optiscope.role=grid`). Every run is tagged
-      `optiscope.experiment` and `optiscope.run` (the run id).
+      `optiscope.experiment` and `optiscope.run` (the run id). The experiment gets a saved
+      view of its runs table (`RUNS_VIEW`): the parent and the best runs, with their learning
+      rate and final metrics as columns, sorted by the first of those; the printed URL opens it.
     """
 
     def __init__(self, experiment, options, config=None):
@@ -170,6 +172,7 @@ class Tracker:
         self.name = naming.run_name(experiment)
         self.urls = {}
         self.tags = {"optiscope.experiment": experiment, "optiscope.run": self.name}
+        self.final_metrics = {}  # the best settings' final metrics, in the order first logged
         if not options.track:
             self.parent = NullSink()
             return
@@ -222,7 +225,22 @@ class Tracker:
         self.board.log_event(result.table(), step=1)
         for path in result.files.values():
             self.mlflow.log_artifact(path, "results")
+        self.mlflow.set_experiment_tags({VIEW_TAG_PREFIX + RUNS_VIEW: json.dumps(self.runs_view())})
         self.close(status)
+
+    def runs_view(self):
+        """The MLflow UI's view state (the keys of its "share view") that shows the comparison:
+        grid runs filtered out, learning rate and final metrics as columns, best first."""
+        metrics = [f"metrics.`{naming.mlflow_key('final/' + m)}`" for m in self.final_metrics]
+        columns = ["params.`learning_rate`", *metrics[:MAX_VIEW_METRICS]]
+        view = {
+            "searchFilter": "tags.`optiscope.role` != 'grid'",
+            "selectedColumns": columns,
+            "columnWidths": {column: 170 for column in columns},
+        }
+        if metrics:
+            view.update(orderByKey=metrics[0], orderByAsc=True)
+        return view
 
     def close(self, status):
         if not self.options.track:
@@ -238,9 +256,18 @@ class Tracker:
         base = self.options.tracking_uri or ""
         if not base.startswith(("http://", "https://")):
             base = UI_MLFLOW  # where `optiscope ui` serves a local store
-        return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        return mlflow_runs_url(base, experiment_id)
 
 
+def mlflow_runs_url(base, experiment_id):
+    """The runs page of an experiment in the MLflow UI at `base`, with the saved view."""
+    query = f"viewStateShareKey={RUNS_VIEW}&workflowType=machine_learning"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+RUNS_VIEW = "optiscope"  # the key of the saved view; MLflow keeps it as an experiment tag
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+MAX_VIEW_METRICS = 6
 UI_MLFLOW = "http://127.0.0.1:5000"
 UI_TENSORBOARD = "http://127.0.0.1:6006"
 
@@ -299,6 +326,8 @@ class Setting(SinkList):
             hparams["optimizer"] = self.optimizer
         super().log_hparams(hparams, metrics)
         if self.best:
+            for name in metrics:
+                self.tracker.final_metrics.setdefault(name, None)
             key = setting_name(self.label)
             self.tracker.mlflow.log_metrics(
                 {f"summary/{key}/{name}": value for name, value in metrics.items()}, step=1

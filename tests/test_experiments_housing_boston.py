@@ -96,13 +96,9 @@ def check_housing_grid_runs(tracker, config, uri):
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("optiscope-housing")
-    (parent,) = client.search_runs(
-        [experiment.experiment_id], "tags.`optiscope.role` = 'parent'"
-    )
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`optiscope.role` = 'parent'")
     grid = client.search_runs([experiment.experiment_id], "tags.`optiscope.role` = 'grid'")
-    expected = {
-        f"{name}/lr={lr:g}" for name in config.optimizers for lr in config.learning_rates
-    }
+    expected = {f"{name}/lr={lr:g}" for name in config.optimizers for lr in config.learning_rates}
     assert {run.data.tags["optiscope.setting"] for run in grid} == expected
     for run in grid:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id

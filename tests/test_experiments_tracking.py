@@ -4,6 +4,7 @@ its log directory served by a real `tensorboard --load_fast=false` and read thro
 TensorBoard's HTTP API (what the Scalars, Custom Scalars and HParams pages ask for)."""
 
 import json
+import math
 import os
 import re
 import urllib.parse
@@ -88,6 +89,40 @@ def test_mlflow_experiment_opens_on_training_runs(tracked):
     experiment_tags = {t["key"]: t["value"] for t in experiment["experiment"]["tags"]}
     assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
     assert "workflowType=machine_learning" in tracked["result"].tracker.urls["MLflow"]
+
+
+def test_mlflow_url_opens_a_view_of_the_comparison(tracked):
+    """The printed URL names a saved view (an experiment tag the MLflow UI reads); its filter,
+    sort and columns, asked of the server as the UI asks, give the parent and the best runs,
+    best first, each with every column filled."""
+    url = tracked["result"].tracker.urls["MLflow"]
+    key = urllib.parse.parse_qs(url.split("?", 1)[1])["viewStateShareKey"][0]
+    experiment = api(tracked, "experiments/get-by-name?experiment_name=optiscope-rosenbrock")
+    experiment_tags = {t["key"]: t["value"] for t in experiment["experiment"]["tags"]}
+    view = json.loads(experiment_tags[f"mlflow.sharedViewState.{key}"])
+    found = api(
+        tracked,
+        "runs/search",
+        {
+            "experiment_ids": [experiment["experiment"]["experiment_id"]],
+            "filter": view["searchFilter"],
+            "order_by": [f"{view['orderByKey']} {'ASC' if view['orderByAsc'] else 'DESC'}"],
+            "max_results": 1000,
+        },
+    )["runs"]
+    roles = sorted(tags(r)["optiscope.role"] for r in found)
+    assert roles == sorted(["parent"] + ["best"] * len(BEST))
+    best = [r for r in found if tags(r)["optiscope.role"] == "best"]
+    medians = [
+        float(tracked["records"][tags(r)["optiscope.setting"]]["median_distance"]) for r in best
+    ]
+    finite = [m for m in medians if math.isfinite(m)]
+    assert medians[: len(finite)] == sorted(finite), medians  # best first, as in results.json
+    assert view["orderByKey"] == "metrics.`final/median_distance`"
+    for run in best:
+        values = {**{f"metrics.`{k}`": v for k, v in metrics(run).items()},
+                  **{f"params.`{k}`": v for k, v in params(run).items()}}  # fmt: skip
+        assert set(view["selectedColumns"]) <= set(values)
 
 
 def test_mlflow_best_runs_are_top_level_and_tagged(tracked):

@@ -187,6 +187,10 @@ def deliver_records(client, run_id, records, owns_run=True):
             for start in range(0, len(items), MAX_TAGS):
                 chunk = items[start : start + MAX_TAGS]
                 client.log_batch(run_id, tags=[RunTag(k, v) for k, v in chunk])
+        elif kind == "experiment_tags":
+            experiment = client.get_run(run_id).info.experiment_id
+            for key, value in record["tags"].items():
+                client.set_experiment_tag(experiment, key, value)
         elif kind == "artifact":
             if os.path.exists(record["path"]):
                 client.log_artifact(run_id, record["path"], record["artifact_path"])

@@ -227,6 +227,11 @@ class MlflowSink(Sink):
     def set_tags(self, tags):
         self._enqueue({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
+    def set_experiment_tags(self, tags):
+        """Tags of the run's experiment (e.g. a saved view of its runs table), delivered in
+        order with the run's records."""
+        self._enqueue({"kind": "experiment_tags", "tags": {k: str(v) for k, v in tags.items()}})
+
     def log_artifact(self, path, artifact_path=None):
         self._enqueue(
             {"kind": "artifact", "path": os.path.abspath(path), "artifact_path": artifact_path}
