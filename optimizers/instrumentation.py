@@ -526,6 +526,11 @@ class Instrumented:
         step = ops.cast(self.iterations + 1, "float64")
         if measured is None:
             new_state = plan.step_values(inputs, learning_rate, step)
+        elif _concrete(measured):  # an eager step: a plain branch (JAX's eager cond can crash)
+            if bool(ops.convert_to_numpy(measured)):
+                new_state = plan.step_values(inputs, learning_rate, step)
+            else:
+                new_state = _read(plan.state)
         else:
             new_state = ops.cond(
                 measured,
@@ -812,6 +817,20 @@ def _has_strategy():
     return (
         keras.backend.backend() == "tensorflow" and tf is not None and tf.distribute.has_strategy()
     )
+
+
+def _concrete(tensor):
+    """True for a value known now (eager), False inside a traced function."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(tensor, jax.core.Tracer)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    return False
 
 
 def _in_xla():
