@@ -176,9 +176,9 @@ def _recorder(tags):
     return Recorder()
 
 
-def train(setting, config, parts, sinks=None):
+def train(setting, config, parts, sinks=None, callbacks=()):
     """Trains one setting; returns its record and its curves (per epoch, and the logged
-    hidden-layer zero_grad_fraction)."""
+    hidden-layer zero_grad_fraction). `callbacks`: more Keras callbacks for its `fit`."""
     import keras
     import tensorflow as tf
 
@@ -230,7 +230,7 @@ def train(setting, config, parts, sinks=None):
         epochs=epochs // chunk,
         steps_per_epoch=steps_per_execution,
         shuffle=False,
-        callbacks=[keras.callbacks.TerminateOnNaN(), _report(sinks, per_epoch), logger],
+        callbacks=[keras.callbacks.TerminateOnNaN(), _report(sinks, per_epoch), logger, *callbacks],
         verbose=0,
     )
     seconds = time.perf_counter() - start
@@ -309,10 +309,12 @@ def run(config=Config(), tracker=None, options=None):
     extra_seeds = config.seed_list[1:]
     records, curves = [], {}
     total = len(settings) + len(studied) * len(extra_seeds)
-    with harness.progress(total, NAME, options.progress) as advance:
+    with harness.progress(total, NAME, options.progress, options.fit_progress) as advance:
         for setting in settings:
             with tracker.setting(setting.label, dataclasses.asdict(setting)) as sinks:
-                record, curves[setting.label] = train(setting, config, parts, sinks)
+                record, curves[setting.label] = train(
+                    setting, config, parts, sinks, advance.fit(setting.label)
+                )
             record["seeds_best_test_mse"] = ""
             records.append(record)
             advance(f"{NAME}: {setting.label}")
@@ -324,7 +326,7 @@ def run(config=Config(), tracker=None, options=None):
                 params = {**dataclasses.asdict(seeded), **dataclasses.asdict(setting)}
                 name = f"{setting.label} seed={seed}"
                 sinks = tracker.setting(name, params, tags={"optiscope.study": "seeds"})
-                study.append(train(setting, seeded, parts, sinks)[0])
+                study.append(train(setting, seeded, parts, sinks, advance.fit(name))[0])
                 advance(f"{NAME}: {name}")
             record.update(_seed_summary(study, config))
     wall = time.perf_counter() - started

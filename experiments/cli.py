@@ -49,6 +49,11 @@ def main(argv=None):
         "boston: boston_housing.csv[.gz] or .npz)",
     )
     run.add_argument("--no-track", action="store_true", help="write result files only")
+    run.add_argument(
+        "--fit-progress",
+        action="store_true",
+        help="also show the epochs of each model.fit (housing, boston: long fits)",
+    )
 
     ui = commands.add_parser(
         "ui", help="start TensorBoard and the MLflow UI on 127.0.0.1; Ctrl-C stops both"
@@ -119,10 +124,11 @@ def main(argv=None):
 def quiet_start_up():
     """Imports TensorFlow without its start-up lines on a machine without a GPU (the CUDA
     and oneDNN notices go to file descriptor 2, below Python); quiets MLflow's database
-    set-up messages."""
+    set-up messages and TensorFlow's retracing warnings (experiments build many models)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if _has_gpu():
         return
     sys.stderr.flush()
@@ -176,6 +182,7 @@ def _run(args):
         tracking_uri=args.tracking_uri,
         track=not args.no_track,
         progress=True,
+        fit_progress=args.fit_progress,
     )
     try:
         result = harness.run_tracked(module, config, options)

@@ -49,6 +49,7 @@ class Options:
     tracking_uri: str | None = None
     track: bool = True
     progress: bool = True
+    fit_progress: bool = False  # also the epochs of each model.fit (experiments that fit)
 
 
 @dataclasses.dataclass
@@ -380,22 +381,51 @@ def _close_figure(figure):
     plt.close(figure)
 
 
-def progress(total, description, enabled=True):
+def progress(total, description, enabled=True, fits=False):
     """Progress on stderr: `with progress(n, "...") as advance: advance("label")`. A rich bar
     on a terminal; elsewhere (CI, a pipe) a plain line at most every `PLAIN_INTERVAL` seconds
-    and at the end."""
+    and at the end. With `fits=True`, `advance.fit(label)` gives Keras callbacks that also
+    show the epochs of one `model.fit` (a second bar, or the plain line); otherwise none."""
     if not enabled:
-        return contextlib.nullcontext(lambda *_: None)
+        return contextlib.nullcontext(_Advance())
     if sys.stderr.isatty():
-        return _RichProgress(total, description)
-    return _PlainProgress(total, description)
+        return _RichProgress(total, description, fits)
+    return _PlainProgress(total, description, fits)
 
 
 PLAIN_INTERVAL = 10.0
 
 
+class _Advance:
+    """`advance(label=None)` counts one run done; `advance.fit(label)` is the list of Keras
+    callbacks that report a fit's epochs (empty unless they were asked for)."""
+
+    def __init__(self, done=None, epoch=None):
+        self._done, self._epoch = done, epoch
+
+    def __call__(self, label=None):
+        if self._done is not None:
+            self._done(label)
+
+    def fit(self, label):
+        if self._epoch is None:
+            return []
+        import keras
+
+        report = self._epoch
+
+        class FitProgress(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                report(label, 0, self.params["epochs"])
+
+            def on_epoch_end(self, epoch, logs=None):
+                report(label, epoch + 1, self.params["epochs"])
+
+        return [FitProgress()]
+
+
 class _RichProgress:
-    def __init__(self, total, description):
+    def __init__(self, total, description, fits):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -408,44 +438,66 @@ class _RichProgress:
             transient=False,
         )
         self._task = self._progress.add_task(description, total=total)
+        self._fit = self._progress.add_task("", total=1, visible=False) if fits else None
+
+    def _epoch(self, label, done, total):
+        if done == 0:  # a new fit: its own elapsed time
+            self._progress.reset(self._fit, total=total, description=f"  {label}: epochs")
+        self._progress.update(self._fit, completed=done, visible=True)
 
     def __enter__(self):
         self._progress.start()
-        return lambda label=None: self._progress.update(
-            self._task, advance=1, **({"description": label} if label else {})
+        return _Advance(
+            lambda label: self._progress.update(
+                self._task, advance=1, **({"description": label} if label else {})
+            ),
+            self._epoch if self._fit is not None else None,
         )
 
     def __exit__(self, *exc):
+        if self._fit is not None:
+            self._progress.update(self._fit, visible=False)
         self._progress.stop()
         return False
 
 
 class _PlainProgress:
-    def __init__(self, total, description):
-        self.total, self.description = total, description
+    def __init__(self, total, description, fits):
+        self.total, self.description, self.fits = total, description, fits
         self.done = 0
         self.label = description
+        self.epochs = ""
 
     def _line(self):
         elapsed = time.monotonic() - self.start
         print(
-            f"{self.label}: {self.done}/{self.total} ({elapsed:.0f} s)", file=sys.stderr, flush=True
+            f"{self.label}: {self.done}/{self.total}{self.epochs} ({elapsed:.0f} s)",
+            file=sys.stderr,
+            flush=True,
         )
         self.last = time.monotonic()
+
+    def _due(self):
+        if time.monotonic() - self.last >= PLAIN_INTERVAL:
+            self._line()
+
+    def _advance(self, label):
+        self.done += 1
+        self.label = label or self.label
+        self.epochs = ""
+        self._due()
+
+    def _epoch(self, label, done, total):
+        self.epochs = f", {label}: epoch {done}/{total}"
+        self._due()
 
     def __enter__(self):
         self.start = self.last = time.monotonic()
         print(f"{self.description}: {self.total} runs", file=sys.stderr, flush=True)
-
-        def advance(label=None):
-            self.done += 1
-            self.label = label or self.label
-            if time.monotonic() - self.last >= PLAIN_INTERVAL:
-                self._line()
-
-        return advance
+        return _Advance(self._advance, self._epoch if self.fits else None)
 
     def __exit__(self, *exc):
+        self.epochs = ""
         self._line()
         return False
 

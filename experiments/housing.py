@@ -152,8 +152,9 @@ def _callback():
     return Evaluate
 
 
-def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
+def train(name, learning_rate, seed, epochs, parts, config, sinks=None, callbacks=()):
     """Trains one (optimizer, learning rate, seed); returns its history and final MSEs.
+    `callbacks`: more Keras callbacks for its `fit` (progress).
 
     With `sinks`, the optimizer is instrumented and an `OptimizerStatsLogger` sends the
     epoch losses and the optimizer's statistics to them.
@@ -169,7 +170,7 @@ def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
     statistics = "default" if sinks is not None else None
     optimizer = optimizers()[name](learning_rate, statistics=statistics)
     model.compile(optimizer=optimizer, loss="mse", steps_per_execution=config.steps_per_execution)
-    callbacks = [_callback()(parts), keras.callbacks.TerminateOnNaN()]
+    callbacks = [_callback()(parts), keras.callbacks.TerminateOnNaN(), *callbacks]
     if sinks is not None:
         x, _ = parts["train"]
         callbacks.append(
@@ -196,10 +197,10 @@ def train(name, learning_rate, seed, epochs, parts, config, sinks=None):
     return {"loss": losses, "val_loss": valid, "seconds": seconds, "weights": weights, **final}
 
 
-def tune(name, parts, config, tracker):
+def tune(name, parts, config, tracker, advance):
     """`(chosen learning rate, {lr: validation MSE after the tuning budget})`: the lowest
     finite validation MSE wins, ties go to the smaller rate. Each rate is a grid setting of
-    `tracker`."""
+    `tracker`, counted by `advance` (`harness.progress`)."""
     from optiscope.experiments import harness
 
     scores = {}
@@ -213,8 +214,10 @@ def tune(name, parts, config, tracker):
         }
         label = f"{name}/{harness.lr_name(lr)}"
         with tracker.setting(label, params, group="grid") as sinks:
-            run = train(name, lr, config.seed, config.tuning_epochs, parts, config, sinks)
+            shown = advance.fit(f"tuning {label}")
+            run = train(name, lr, config.seed, config.tuning_epochs, parts, config, sinks, shown)
         scores[lr] = run["valid"]
+        advance(f"{NAME}: tuning {name}")
     finite = {lr: v for lr, v in scores.items() if math.isfinite(v)}
     chosen = min(finite, key=lambda lr: (finite[lr], lr)) if finite else None
     return chosen, scores
@@ -272,16 +275,16 @@ def run(config=Config(), tracker=None, options=None):
             tags = {"optiscope.variant": "as_published"} if name == AS_PUBLISHED else None
             label = f"{name}/{harness.lr_name(lr)}/seed={seed}"
             with tracker.setting(label, params, tags=tags) as sinks:
-                runs[(name, lr, seed)] = train(name, lr, seed, config.epochs, parts, config, sinks)
+                runs[(name, lr, seed)] = train(
+                    name, lr, seed, config.epochs, parts, config, sinks, advance.fit(label)
+                )
             advance(f"{NAME}: {name} lr={lr:g} seed={seed}")
 
-    with harness.progress(total, NAME, options.progress) as advance:
+    with harness.progress(total, NAME, options.progress, options.fit_progress) as advance:
         tuning_start = time.perf_counter()
         for name in names:
-            chosen, scores = tune(name, parts, config, tracker)
+            chosen, scores = tune(name, parts, config, tracker, advance)
             tuning[name] = {"chosen": chosen, "scores": scores}
-            for _ in scores:
-                advance(f"{NAME}: tuning {name}")
         tuning_seconds = time.perf_counter() - tuning_start
         for name in names:
             chosen = tuning[name]["chosen"]

@@ -47,7 +47,7 @@ def test_boston_split_matches_keras():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, path", [("housing", CALIFORNIA), ("boston", BOSTON)])
-def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
+def test_quick_run_returns_result_and_writes_files(name, path, tmp_path, monkeypatch, capsys):
     import importlib
 
     from optiscope.experiments import harness
@@ -62,9 +62,12 @@ def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
         result = harness.run_tracked(module, config, options)
         files = result.files
         check_housing_grid_runs(result.tracker, config, uri)
-    else:
-        result = module.run(config)
+    else:  # untracked, with the epochs of every fit on the (plain) progress line
+        monkeypatch.setattr(harness, "PLAIN_INTERVAL", 0.0)
+        options = harness.Options(track=False, fit_progress=True)
+        result = module.run(config, options=options)
         files = harness.write(result, str(tmp_path))
+        check_fit_progress(capsys.readouterr().err, config)
     assert isinstance(result, harness.Result) and result.experiment == module.NAME == name
     assert result.records and result.notes and result.reference
     assert all(c in r for r in result.records for c in result.columns if c != "seconds")
@@ -87,6 +90,22 @@ def test_quick_run_returns_result_and_writes_files(name, path, tmp_path):
             values = record["seeds_best_test_mse_values"]
             assert len(values) == config.seeds and values[0] == record["best_test_mse"]
             assert record["seeds_best_test_mse_min"] <= record["seeds_best_test_mse_median"]
+
+
+def check_fit_progress(stderr, config):
+    """Every setting's fit reported its epochs (Keras epochs: `chunk` epochs each), to the end."""
+    import re
+
+    reported = {}
+    for label, done, total in re.findall(r", (.+?): epoch (\d+)/(\d+) \(", stderr):
+        reported.setdefault(label, []).append((int(done), int(total)))
+    settings = [setting.label for setting in config.settings()]
+    assert set(settings) <= set(reported)
+    for label in settings:
+        counts = reported[label]
+        total = counts[-1][1]
+        assert [done for done, _ in counts] == list(range(total + 1))
+        assert all(t == total for _, t in counts) and total > 1
 
 
 def check_housing_grid_runs(tracker, config, uri):
