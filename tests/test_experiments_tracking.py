@@ -269,6 +269,8 @@ def test_tensorboard_custom_scalar_layout(tracked, board):
         "/data/plugin/custom_scalars/layout",
         lambda j: {"optimizer", "rosenbrock"} <= {c["title"] for c in j.get("category", [])},
     )
+    # the experiment's comparison opens first, the optimizer statistics after it
+    assert [c["title"] for c in layout["category"]] == ["rosenbrock", "optimizer"]
     categories = {c["title"]: {ch["title"]: ch for ch in c["chart"]} for c in layout["category"]}
     distance = categories["rosenbrock"]["distance"]["multiline"]["tag"]
     assert any(re.search(p, "distance/fixed_start") for p in distance)

@@ -8,6 +8,9 @@ log = logging.getLogger("optiscope.tracking")
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
+STATISTICS_CATEGORY = "optimizer"  # the custom-scalar heading of the optimizer statistics
+
+
 class Sink:
     """Where tracking records go. Every method may be called from a callback thread; a sink
     never raises into training (`SinkList` also guards each call).
@@ -30,10 +33,10 @@ class Sink:
     def log_artifact(self, path, artifact_path=None):
         """A local file kept with the run."""
 
-    def log_layout(self, charts, category="optimizer"):
+    def log_layout(self, charts, category=STATISTICS_CATEGORY):
         """`charts`: mapping of chart title to the regular expressions of the tags it draws
         together (Python `re`, matched from the tag's start), shown under the heading
-        `category`."""
+        `category`. The optimizer statistics' category comes after a run's own ones."""
 
     def log_hparams(self, hparams, metrics):
         """Hyperparameters and final metrics of the run, for side-by-side comparison."""
@@ -109,7 +112,7 @@ class SinkList(Sink):
     def log_artifact(self, path, artifact_path=None):
         self._each("log_artifact", path, artifact_path)
 
-    def log_layout(self, charts, category="optimizer"):
+    def log_layout(self, charts, category=STATISTICS_CATEGORY):
         self._each("log_layout", charts, category)
 
     def log_hparams(self, hparams, metrics):

@@ -31,11 +31,11 @@ from optiscope.tracking._checks import (
     check_positive_int,
     writable_directory,
 )
-from optiscope.tracking.base import Sink
+from optiscope.tracking.base import STATISTICS_CATEGORY, Sink
 
 DEFAULT_LOGDIR = "runs"
-HPARAMS_INDEX = ".optiscope-hparams.json"  # in the log directory: the experiment's columns
-_HPARAMS_SUFFIX = ".hparams"  # of the root event file that holds them
+ROOT_INDEX = ".optiscope-root.json"  # in the log directory: HParams columns, category order
+_ROOT_SUFFIX = ".root"  # of the root event file that holds them
 
 
 class TensorBoardSink(Sink):
@@ -128,10 +128,15 @@ class TensorBoardSink(Sink):
             summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=image)]), step
         )
 
-    def log_layout(self, charts, category="optimizer"):
+    def log_layout(self, charts, category=STATISTICS_CATEGORY):
         """Adds `charts` under `category` to this run's custom-scalar layout (TensorBoard
-        keeps the latest layout of a run, so the whole layout is written again)."""
+        keeps the latest layout of a run, so the whole layout is written again). The run's
+        own categories come first, the statistics last: TensorBoard shows the categories of
+        the first run (by name) in its order."""
         self._layout.setdefault(category, {}).update(charts)
+        if STATISTICS_CATEGORY in self._layout:
+            self._layout[STATISTICS_CATEGORY] = self._layout.pop(STATISTICS_CATEGORY)
+        _update_root(self.logdir, lambda index: _put_category(index["categories"], category))
         categories = [
             layout_pb2.Category(
                 title=title,
@@ -149,10 +154,10 @@ class TensorBoardSink(Sink):
 
     def log_hparams(self, hparams, metrics):
         """The run's hyperparameters and final metrics (`hparams/<name>`). The HParams columns
-        are those of the whole log directory (see `write_hparams_columns`)."""
+        are those of the whole log directory (see `_update_root`)."""
         values = {name: _hparam_value(value) for name, value in hparams.items()}
         tags = {f"hparams/{name}": value for name, value in metrics.items()}
-        write_hparams_columns(self.logdir, values, tags)
+        _update_root(self.logdir, lambda index: _add_columns(index, values, tags))
         self._write(hparams_summary.hparams_pb(values, trial_id=self.run_name), 0)
         self.log_metrics(tags, 0)
 
@@ -171,16 +176,20 @@ class TensorBoardSink(Sink):
                 self._writer = None
 
 
-def write_hparams_columns(logdir, hparams, metric_tags):
-    """Adds hyperparameter names and metric tags to the HParams columns of `logdir`.
+def _update_root(logdir, update):
+    """Applies `update(index)` to what the log directory's root run holds: the HParams columns
+    (`hparams`, `metrics`) and the custom-scalar category order (`categories`). `update`
+    returns whether it changed anything; the root's event file is rewritten only then. Safe
+    across processes where `fcntl` is.
 
     TensorBoard's HParams dashboard shows the first experiment summary it finds, so runs that
-    each wrote their own would show one run's columns only. Runs write none; the log
-    directory's root holds one summary with every name any run logged (kept in
-    `HPARAMS_INDEX`), rewritten when a name is new. Safe across processes where `fcntl` is.
+    each wrote their own would show one run's columns only: runs write none, the root holds one
+    with every name any run logged. Custom Scalars merges the runs' layouts in the order of
+    their names and keeps the first run's category order; the root (run `.`) comes first, so
+    its layout (categories without charts) sets the order: the latest experiment first.
     """
     os.makedirs(logdir, exist_ok=True)
-    index_path = os.path.join(logdir, HPARAMS_INDEX)
+    index_path = os.path.join(logdir, ROOT_INDEX)
     with open(index_path + ".lock", "a") as lock:
         with contextlib.suppress(ImportError):
             import fcntl
@@ -190,26 +199,52 @@ def write_hparams_columns(logdir, hparams, metric_tags):
             with open(index_path) as handle:
                 index = json.load(handle)
         except (OSError, ValueError):
-            index = {"hparams": [], "metrics": []}
-        new_hparams = [n for n in hparams if n not in index["hparams"]]
-        new_metrics = [t for t in metric_tags if t not in index["metrics"]]
-        if not new_hparams and not new_metrics:
+            index = {}
+        for key in ("hparams", "metrics", "categories"):
+            index.setdefault(key, [])
+        if not update(index):
             return
-        index["hparams"] += new_hparams
-        index["metrics"] += new_metrics
-        config = hparams_summary.hparams_config_pb(
-            hparams=[hparams_summary.HParam(name) for name in index["hparams"]],
-            metrics=[hparams_summary.Metric(tag) for tag in index["metrics"]],
-        )
-        for old in glob.glob(os.path.join(logdir, f"events.out.tfevents.*{_HPARAMS_SUFFIX}")):
+        summaries = []
+        if index["hparams"] or index["metrics"]:
+            hparams = [hparams_summary.HParam(name) for name in index["hparams"]]
+            metrics = [hparams_summary.Metric(tag) for tag in index["metrics"]]
+            summaries.append(hparams_summary.hparams_config_pb(hparams=hparams, metrics=metrics))
+        if index["categories"]:
+            titles = index["categories"]
+            order = layout_pb2.Layout(category=[layout_pb2.Category(title=t) for t in titles])
+            summaries.append(custom_scalar_summary.pb(order))
+        for old in glob.glob(os.path.join(logdir, f"events.out.tfevents.*{_ROOT_SUFFIX}")):
             os.remove(old)
-        writer = EventFileWriter(logdir, filename_suffix=_HPARAMS_SUFFIX)
-        summary = summary_pb2.Summary.FromString(config.SerializeToString())
-        writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
+        writer = EventFileWriter(logdir, filename_suffix=_ROOT_SUFFIX)
+        for summary in summaries:
+            summary = summary_pb2.Summary.FromString(summary.SerializeToString())
+            writer.add_event(event_pb2.Event(wall_time=time.time(), step=0, summary=summary))
         writer.close()
         with open(index_path + ".tmp", "w") as handle:
             json.dump(index, handle, indent=1)
         os.replace(index_path + ".tmp", index_path)
+
+
+def _add_columns(index, hparams, metric_tags):
+    new_hparams = [n for n in hparams if n not in index["hparams"]]
+    new_metrics = [t for t in metric_tags if t not in index["metrics"]]
+    index["hparams"] += new_hparams
+    index["metrics"] += new_metrics
+    return bool(new_hparams or new_metrics)
+
+
+def _put_category(categories, category):
+    """The category order after a run writes `category`: an experiment's category moves to
+    the front, the statistics' right after it; the statistics' alone is added at the end."""
+    if category == STATISTICS_CATEGORY:
+        order = categories if category in categories else [*categories, category]
+    else:
+        rest = [c for c in categories if c not in (category, STATISTICS_CATEGORY)]
+        order = [category, *([STATISTICS_CATEGORY] if STATISTICS_CATEGORY in categories else [])]
+        order += rest
+    changed = order != categories
+    categories[:] = order
+    return changed
 
 
 def _hparam_value(value):
