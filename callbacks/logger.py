@@ -101,10 +101,10 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
         histograms: also log histograms of the optimizer's slots every epoch. Defaults to False.
         compact: one view per statistic across variables, for models with many: a histogram
             over the variables at each read (`optimizer/<statistic>/across_variables`) and a
-            variable x step heat-map image at each epoch's end (`optimizer/<statistic>/heatmap`,
-            in MLflow a PNG artifact); the custom-scalar layout then keeps only charts of at
-            most 10 lines. `"auto"`: when a statistic has more than 10 groups (variables or
-            layers). Defaults to `"auto"`.
+            variable x step heat-map image at epoch ends (`optimizer/<statistic>/heatmap`, in
+            MLflow a PNG artifact; drawn at most 5 % of the time, and at the end of training);
+            the custom-scalar layout then keeps only charts of at most 10 lines. `"auto"`: when
+            a statistic has more than 10 groups (variables or layers). Defaults to `"auto"`.
         logdir, run_name, tracking_uri, experiment_name: for the default sinks.
         run_id: the default `MlflowSink` continues this MLflow run. Defaults to None.
         params: extra parameters to log (e.g. a description of the data).
@@ -221,6 +221,7 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self._read_and_log()
+        self._log_heatmaps(final=True)
         numbers_only = {
             k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float, np.number))
         }
@@ -302,9 +303,9 @@ class OptimizerStatsLogger(keras.callbacks.Callback):
             window[3] = summary.last
         self._publisher.publish(stats)
 
-    def _log_heatmaps(self):
+    def _log_heatmaps(self, final=False):
         with self._lock:
-            self._publisher.log_heatmaps()
+            self._publisher.log_heatmaps(final)
 
     def _epoch_aggregates(self):
         aggregates = {}

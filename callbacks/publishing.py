@@ -9,6 +9,7 @@ absent from its read, so they are never sent.
 """
 
 import re
+import time
 
 from optiscope.optimizers import instrumentation
 from optiscope.optimizers.measures import STATISTICS
@@ -19,6 +20,7 @@ PREFIX = "optimizer"
 FIELDS = ("last", "mean", "max")
 COMPACT = ("auto", True, False)
 COMPACT_ABOVE = 10  # `compact="auto"`: compact views once a statistic has more groups than this
+HEATMAP_SHARE = 0.05  # of the training time, at most, spent drawing heat-maps
 
 
 def tag(statistic, group=None):
@@ -84,6 +86,7 @@ class Publisher:
         self.describe = describe
         self.compact = compact
         self._views = None  # CompactViews, or False; decided at the first read
+        self._heatmaps_drawn, self._heatmaps_at, self._heatmap_seconds = 0, 0.0, 0.0
         self._layout_written = False
 
     def publish(self, statistics):
@@ -105,11 +108,24 @@ class Publisher:
             self.sinks.log_histograms(self._views.add(statistics), step=statistics.step)
         return values
 
-    def log_heatmaps(self):
-        """A heat-map per statistic of every read so far (at the last read's step)."""
-        if self._views and self._views.steps:
-            for name, figure in self._views.heatmaps().items():
-                self.sinks.log_figure(name, figure, step=self._views.steps[-1])
+    def log_heatmaps(self, final=False):
+        """A heat-map per statistic of every read so far (at the last read's step), unless no
+        read is new. Drawing takes about a second per statistic for 100 variables, so these
+        take at most `HEATMAP_SHARE` of the time: a call sooner after the last drawing is
+        skipped, unless `final` (the end of training)."""
+        if not self._views or len(self._views.steps) == self._heatmaps_drawn:
+            return
+        if (
+            not final
+            and time.monotonic() - self._heatmaps_at < self._heatmap_seconds / HEATMAP_SHARE
+        ):
+            return
+        start = time.monotonic()
+        for name, figure in self._views.heatmaps().items():
+            self.sinks.log_figure(name, figure, step=self._views.steps[-1])
+        self._heatmaps_at = time.monotonic()
+        self._heatmap_seconds = self._heatmaps_at - start
+        self._heatmaps_drawn = len(self._views.steps)
 
     def read(self, optimizer):
         if self.describe:

@@ -1,5 +1,6 @@
 """The sink interface, a sink that does nothing, and a list of sinks behind one interface."""
 
+import io
 import logging
 import warnings
 
@@ -28,7 +29,8 @@ class Sink:
         """`histograms`: mapping of tag to a NumPy array of values."""
 
     def log_figure(self, name, figure, step):
-        """A matplotlib figure (an image in TensorBoard, a PNG artifact in MLflow)."""
+        """A matplotlib figure, or a PNG image's bytes (an image in TensorBoard, a PNG artifact
+        in MLflow; see `png`)."""
 
     def log_artifact(self, path, artifact_path=None):
         """A local file kept with the run."""
@@ -73,6 +75,16 @@ class NullSink(Sink):
     """Accepts everything and keeps nothing (e.g. on non-chief workers)."""
 
 
+def png(figure):
+    """The PNG image of a matplotlib figure (drawing it costs about a second for a tall one),
+    or `figure` itself when it already is PNG bytes."""
+    if isinstance(figure, bytes):
+        return figure
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 class SinkList(Sink):
     """Several sinks behind one interface. A sink whose call fails is warned about once per
     method and never stops the others."""
@@ -107,6 +119,8 @@ class SinkList(Sink):
         self._each("log_histograms", histograms, step)
 
     def log_figure(self, name, figure, step):
+        if len(self.sinks) > 1:
+            figure = png(figure)  # drawn once for every sink
         self._each("log_figure", name, figure, step)
 
     def log_artifact(self, path, artifact_path=None):

@@ -27,7 +27,7 @@ from optiscope.tracking._checks import (
     check_path,
     check_positive,
 )
-from optiscope.tracking.base import Sink, check_status
+from optiscope.tracking.base import Sink, check_status, png
 from optiscope.tracking.journal import (
     DEFAULT_SPOOL_DIR,
     MAX_METRICS,
@@ -240,7 +240,8 @@ class MlflowSink(Sink):
     def log_figure(self, name, figure, step):
         directory = tempfile.mkdtemp(prefix="optiscope-figure-")
         path = os.path.join(directory, f"{naming.mlflow_key(name).replace('/', '_')}.png")
-        figure.savefig(path)
+        with open(path, "wb") as file:
+            file.write(png(figure))
         self.log_artifact(path, "figures")
 
     def log_hparams(self, hparams, metrics):

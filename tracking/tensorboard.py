@@ -7,7 +7,6 @@ TensorBoard callback writer, so both can run side by side: Keras writes `<run>/t
 
 import contextlib
 import glob
-import io
 import json
 import os
 import struct
@@ -31,7 +30,7 @@ from optiscope.tracking._checks import (
     check_positive_int,
     writable_directory,
 )
-from optiscope.tracking.base import STATISTICS_CATEGORY, Sink
+from optiscope.tracking.base import STATISTICS_CATEGORY, Sink, png
 
 DEFAULT_LOGDIR = "runs"
 ROOT_INDEX = ".optiscope-root.json"  # in the log directory: HParams columns, category order
@@ -117,12 +116,10 @@ class TensorBoardSink(Sink):
         self._write(summary, step)
 
     def log_figure(self, name, figure, step):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        png = buffer.getvalue()
-        width, height = struct.unpack(">II", png[16:24])  # from the PNG header
+        image_bytes = png(figure)
+        width, height = struct.unpack(">II", image_bytes[16:24])  # from the PNG header
         image = summary_pb2.Summary.Image(
-            height=height, width=width, colorspace=4, encoded_image_string=png
+            height=height, width=width, colorspace=4, encoded_image_string=image_bytes
         )
         self._write(
             summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=name, image=image)]), step
