@@ -1,16 +1,18 @@
 """Side-by-side timing helpers: variants are measured in interleaved rounds, so that a
-slow moment of the machine hits every variant alike, and compared by their medians."""
+slow moment of the machine hits every variant alike, and compared by their fastest round (the
+machine's noise only ever adds time: on a shared 2-core machine single rounds run up to 2x
+slower, which moves medians of a few rounds by more than the effects measured)."""
 
 import os
 import platform
-import statistics
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def interleaved(variants, rounds, repeats=1):
-    """`variants` maps name -> zero-argument callable. Returns name -> median seconds/call."""
+    """`variants` maps name -> zero-argument callable. Returns name -> the fastest round's
+    seconds/call."""
     samples = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
@@ -18,7 +20,7 @@ def interleaved(variants, rounds, repeats=1):
             for _ in range(repeats):
                 fn()
             samples[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return {name: min(times) for name, times in samples.items()}
 
 
 def machine():

@@ -4,8 +4,8 @@ Back ends, side by side in one run: the team set-up of `optiscope server` (`mlfl
 PostgreSQL cluster, artifacts served), the same `mlflow server` on a SQLite store, and a local
 SQLite store written directly (`sqlite:///...`). Each timed call is one run: STEPS steps of KEYS
 metrics handed to a new sink, as the logger does, and `close()` (everything delivered, the run
-ended); calls are timed in interleaved rounds and compared by their medians. Every run's points
-are counted on the back end afterwards.
+ended); calls are timed in interleaved rounds and compared by their fastest rounds. Every
+run's points are counted on the back end afterwards.
 
     python benchmarks/delivery_throughput.py [--rounds 5] [--steps 200] [--keys 100]
 """

@@ -4,7 +4,7 @@ Models (batch 32, Adam, default `model.compile`): "mlp" 8 -> 64 -> 64 -> 1 (645 
 "cnn" two Conv2D + pooling blocks, Dense 64, Dense 10 on 28 x 28 x 1 (200 steps), "deep" 50
 Dense(32) layers (102 variables, 200 steps). Variants of one model differ only in
 instrumentation and in how often a callback reads the statistics. Epochs are timed in
-interleaved rounds and compared by their medians with the uninstrumented Keras Adam.
+interleaved rounds and compared by their fastest rounds with the uninstrumented Keras Adam.
 
     python benchmarks/instrumentation_overhead.py [--models mlp cnn deep] [--rounds 7]
         [--steps-per-execution 1] [--jit-compile] [--variants NAME ...]

@@ -4,9 +4,9 @@ Keras' JAX trainer keeps the live state outside the model during an epoch; a rea
 back (`model.jax_state_sync()`), and the step after it takes the state from the model again.
 Every variant trains the same MLP on California-housing-shaped data (8 -> 64 -> 64 -> 1, batch
 32, 645 steps per epoch) with Adam; each timed call is one epoch of `fit`, timed in interleaved
-rounds and compared by medians. The logger sends to a sink that keeps nothing, so the figures are
-the reads' cost; "sync every step" is what a callback touching `self.model` after every batch
-costs (Keras syncs on that access).
+rounds and compared by their fastest rounds. The logger sends to a sink that keeps nothing, so
+the figures are the reads' cost; "sync every step" is what a callback touching `self.model`
+after every batch costs (Keras syncs on that access).
 
     python benchmarks/jax_reads.py [--rounds 5]
 """

@@ -2,7 +2,7 @@
 
 Models as in `instrumentation_overhead.py` ("mlp", "cnn", "deep"; Adam, batch 32). Each timed
 call is one `fit` of EPOCHS epochs (one tracked run, set-up and delivery included); calls are
-timed in interleaved rounds and compared by their medians. Back ends are local: TensorBoard
+timed in interleaved rounds and compared by their fastest rounds. Back ends are local: TensorBoard
 event files and an MLflow SQLite store in a temporary directory.
 
     python benchmarks/logging_overhead.py [--models mlp cnn deep] [--rounds 3]
