@@ -96,7 +96,7 @@ def _has_fused_kernel(gradient, dtype):
     """TensorFlow's fused kernels serve dense float32/float64 gradients on its backend."""
     return (
         keras.backend.backend() == "tensorflow"
-        and str(dtype) in ("float32", "float64")
+        and keras.backend.standardize_dtype(dtype) in ("float32", "float64")
         and not hasattr(gradient, "indices")
     )
 

@@ -251,6 +251,29 @@ def test_matches_fused_kernel(rule, decay, dtype):
             assert_close(optimizer._m[i].numpy(), kernel_ms[i].numpy(), dtype, message + " m")
 
 
+@pytest.mark.tensorflow_only
+@pytest.mark.parametrize(
+    "make, kernel",
+    [
+        (lambda: PowerSign(LR), "ResourceApplyPowerSign"),
+        (lambda: AddSign(LR), "ResourceApplyAddSign"),
+    ],
+)
+def test_compiled_step_runs_the_fused_kernel(make, kernel):
+    """In a compiled step (where Keras hands TensorFlow variables to `update_step`) the rule is
+    TensorFlow's one fused kernel, not the `keras.ops` path's ten passes over the arrays."""
+    import tensorflow as tf
+
+    optimizer = make()
+    variables = make_variables("float32")
+    optimizer.build(variables)
+    grads = [tf.constant(g) for g in gradient_steps("float32")[0]]
+    step = tf.function(lambda: optimizer.apply(grads, variables))
+    ops = [node.op for node in step.get_concrete_function().graph.as_graph_def().node]
+    assert ops.count(kernel) == len(variables)
+    assert "Sign" not in ops
+
+
 # ------------------------------------------------------------------ equivalences with Keras
 def quadratic_gradients(values, curvatures):
     """Gradients of 0.5 * sum(c * w**2) at each optimizer's own current values."""
