@@ -76,8 +76,7 @@ class NullSink(Sink):
 
 
 def png(figure):
-    """The PNG image of a matplotlib figure (drawing it costs about a second for a tall one),
-    or `figure` itself when it already is PNG bytes."""
+    """The PNG image of a matplotlib figure, or `figure` itself when it already is PNG bytes."""
     if isinstance(figure, bytes):
         return figure
     buffer = io.BytesIO()
