@@ -752,8 +752,9 @@ def test_tensorboard_hparams_columns_of_runs_with_different_metrics(tmp_path):
 
 def test_tensorboard_custom_scalars_open_on_the_latest_experiment(tmp_path):
     """Runs of two experiments and a plain `fit` in one log directory: Custom Scalars lists the
-    category of the experiment run last first, the statistics after it (TensorBoard alone would
-    order them by run name), and every category still draws the charts of its runs."""
+    categories of the run written last first, an experiment's own before the statistics
+    (TensorBoard alone would order them by run name), and every category still draws the charts
+    of its runs."""
     logdir = tmp_path / "runs"
     statistics = {"grad_norm": ["^optimizer/grad_norm/"]}
     written = [
@@ -761,20 +762,25 @@ def test_tensorboard_custom_scalars_open_on_the_latest_experiment(tmp_path):
         ("demo/Adam-1", None, None),
         ("rosenbrock/r2/best/Adam", "rosenbrock", {"distance": ["^distance/"]}),
     ]
-    for run_name, category, charts in written:
-        sink = TensorBoardSink(logdir=logdir, run_name=run_name, subdir=None)
-        sink.log_layout(statistics)
-        if category is not None:
-            sink.log_layout(charts, category=category)
-        sink.log_metrics({"optimizer/grad_norm/all": 1.0}, step=1)
-        sink.close()
-    with servers.tensorboard_server(logdir, load_fast=False) as url:
-        tb_poll(url, "/data/plugin/scalars/tags", lambda tags: len(tags) == 3)
-        layout = servers.get_json(url + "/data/plugin/custom_scalars/layout")
-    titles = [category["title"] for category in layout["category"]]
-    assert titles == ["rosenbrock", "optimizer", "convergence"]
-    charts = {c["title"]: [chart["title"] for chart in c["chart"]] for c in layout["category"]}
+
+    def layout_after(*runs):
+        for run_name, category, charts in runs:
+            sink = TensorBoardSink(logdir=logdir, run_name=run_name, subdir=None)
+            sink.log_layout(statistics)
+            if category is not None:
+                sink.log_layout(charts, category=category)
+            sink.log_metrics({"optimizer/grad_norm/all": 1.0}, step=1)
+            sink.close()
+        with servers.tensorboard_server(logdir, load_fast=False) as url:
+            tb_poll(url, "/data/plugin/scalars/tags", lambda tags: run_name in tags)
+            return servers.get_json(url + "/data/plugin/custom_scalars/layout")["category"]
+
+    layout = layout_after(*written)
+    assert [category["title"] for category in layout] == ["rosenbrock", "optimizer", "convergence"]
+    charts = {c["title"]: [chart["title"] for chart in c["chart"]] for c in layout}
     assert charts == {"convergence": ["x"], "optimizer": ["grad_norm"], "rosenbrock": ["distance"]}
+    layout = layout_after(("demo/Adam-2", None, None))  # a plain fit last: its statistics first
+    assert [category["title"] for category in layout] == ["optimizer", "rosenbrock", "convergence"]
 
 
 def test_tensorboard_slot_histograms(tensorboard_run):

@@ -128,12 +128,11 @@ class TensorBoardSink(Sink):
     def log_layout(self, charts, category=STATISTICS_CATEGORY):
         """Adds `charts` under `category` to this run's custom-scalar layout (TensorBoard
         keeps the latest layout of a run, so the whole layout is written again). The run's
-        own categories come first, the statistics last: TensorBoard shows the categories of
-        the first run (by name) in its order."""
+        own categories come first, the statistics last."""
         self._layout.setdefault(category, {}).update(charts)
         if STATISTICS_CATEGORY in self._layout:
             self._layout[STATISTICS_CATEGORY] = self._layout.pop(STATISTICS_CATEGORY)
-        _update_root(self.logdir, lambda index: _put_category(index["categories"], category))
+        _update_root(self.logdir, lambda index: _add_categories(index["categories"], [category]))
         categories = [
             layout_pb2.Category(
                 title=title,
@@ -171,6 +170,11 @@ class TensorBoardSink(Sink):
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+                if self._layout:  # the run closed last opens Custom Scalars (see `_update_root`)
+                    order = list(self._layout)
+                    _update_root(
+                        self.logdir, lambda i: _add_categories(i["categories"], order, True)
+                    )
 
 
 def _update_root(logdir, update):
@@ -183,7 +187,8 @@ def _update_root(logdir, update):
     each wrote their own would show one run's columns only: runs write none, the root holds one
     with every name any run logged. Custom Scalars merges the runs' layouts in the order of
     their names and keeps the first run's category order; the root (run `.`) comes first, so
-    its layout (categories without charts) sets the order: the latest experiment first.
+    its layout (categories without charts) sets the order: the categories of the run closed
+    last first (an experiment's own before the statistics), then the others.
     """
     os.makedirs(logdir, exist_ok=True)
     index_path = os.path.join(logdir, ROOT_INDEX)
@@ -230,15 +235,11 @@ def _add_columns(index, hparams, metric_tags):
     return bool(new_hparams or new_metrics)
 
 
-def _put_category(categories, category):
-    """The category order after a run writes `category`: an experiment's category moves to
-    the front, the statistics' right after it; the statistics' alone is added at the end."""
-    if category == STATISTICS_CATEGORY:
-        order = categories if category in categories else [*categories, category]
-    else:
-        rest = [c for c in categories if c not in (category, STATISTICS_CATEGORY)]
-        order = [category, *([STATISTICS_CATEGORY] if STATISTICS_CATEGORY in categories else [])]
-        order += rest
+def _add_categories(categories, new, first=False):
+    """Adds the categories `new` to the root's order, at the end; with `first`, moves them to
+    the front in their order. Returns whether the order changed."""
+    rest = [c for c in categories if c not in new]
+    order = [*new, *rest] if first else [*categories, *(c for c in new if c not in categories)]
     changed = order != categories
     categories[:] = order
     return changed
