@@ -65,7 +65,7 @@ def pages(tensorboard, mlflow, client):
         "tensorboard-custom-scalars.png": f"{tensorboard}/#custom_scalars&regexInput={demo}",
         "tensorboard-hparams.png": f"{tensorboard}/#hparams",
         "tensorboard-histograms.png": f"{tensorboard}/#histograms&regexInput={demo}",
-        "tensorboard-images.png": f"{tensorboard}/#images&regexInput={demo}",
+        "tensorboard-images.png": f"{tensorboard}/#images&tagFilter=heatmap&regexInput={demo}",
         "mlflow-experiment.png": harness.mlflow_runs_url(mlflow, experiment.experiment_id),
         "mlflow-parent-run.png": _run_url(mlflow, parent),
         "mlflow-child-run.png": _run_url(mlflow, child),
