@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 
-from optiscope.experiments.ui import HOST, _executable, _interrupt
+from optiscope.experiments.ui import HOST, _executable, _interrupt, server_environment
 
 DATABASE = "mlflow"
 DB_USER = "optiscope"
@@ -283,7 +283,7 @@ class TrackingServer:
             "--host", HOST, "--port", str(self.port), "--workers", str(self.workers),
         ]  # fmt: skip
         # the store URI (with the database password) goes by environment, not in `ps`
-        env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": self.backend_store_uri}
+        env = server_environment(MLFLOW_BACKEND_STORE_URI=self.backend_store_uri)
         self.process = subprocess.Popen(
             command,
             stdout=self._log,

@@ -8,6 +8,15 @@ import sys
 import time
 
 HOST = "127.0.0.1"
+# MLflow's server starts a job runner (GenAI jobs: about nine more processes, each importing
+# MLflow) unless told not to; optiscope runs none, so it is off unless the user turns it on.
+MLFLOW_SERVER_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def server_environment(**extra):
+    """The environment for a server process: this one's, with `MLFLOW_SERVER_ENVIRONMENT`
+    where the user has not set those variables, and `extra`."""
+    return {**MLFLOW_SERVER_ENVIRONMENT, **os.environ, **extra}
 
 
 def _executable(name):
@@ -44,7 +53,9 @@ def serve(logdir, tracking_uri, tensorboard_port, mlflow_port):
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both servers too
     try:
         for name, command in commands(logdir, tracking_uri, tensorboard_port, mlflow_port).items():
-            processes[name] = subprocess.Popen(command, start_new_session=True)
+            processes[name] = subprocess.Popen(
+                command, start_new_session=True, env=server_environment()
+            )
             print(f"{name}: http://{HOST}:{ports[name]}/")
         print("Ctrl-C stops both.")
         while all(p.poll() is None for p in processes.values()):

@@ -15,6 +15,8 @@ import time
 import urllib.error
 import urllib.request
 
+from optiscope.experiments.ui import server_environment
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 90.0  # seconds a server may take to answer (MLflow needs ~7 s on 2 cores)
 
@@ -105,7 +107,7 @@ def _start(command, log_path, ready_url, what):
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=server_environment(PYTHONUNBUFFERED="1"),
     )
 
     def ready():

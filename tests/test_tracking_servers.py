@@ -15,6 +15,8 @@ import os
 import queue
 import re
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -562,6 +564,66 @@ def test_server_down_from_the_start_does_not_stall_training(client, mlflow_url, 
 
     run_id = replay_cli(sink.spool_path, mlflow_url)
     check_replayed(client, run_id, recorder, "never-up")
+
+
+class DroppingForwarder:
+    """A TCP forwarder to `port` that resets the first `drops` connections once a request
+    arrives on them, as a server closing an idle keep-alive connection does."""
+
+    def __init__(self, port, drops=1):
+        self.target, self.drops = port, drops
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.drops:
+                self.drops -= 1
+                connection.recv(65536)
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()  # an RST: "Connection reset by peer"
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for source, sink in ((connection, upstream), (upstream, connection)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_dropped_connection_is_retried_without_a_warning(client, mlflow_url, tmp_path, recwarn):
+    forwarder = DroppingForwarder(int(mlflow_url.rsplit(":", 1)[1]))
+    try:
+        sink = MlflowSink(
+            tracking_uri=forwarder.url,
+            experiment_name="dropped",
+            run_name="dropped-once",
+            asynchronous=False,
+            spool_dir=tmp_path / "spool",
+        )
+        sink.log_metrics({"loss": 0.5}, step=1)
+        sink.close()
+    finally:
+        forwarder.close()
+    assert forwarder.drops == 0  # the first request did meet a reset
+    assert optiscope_warnings(recwarn.list) == []
+    assert sink.spool_path is None
+    run = client.get_run(sink.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"loss": 0.5}
 
 
 # --------------------------------------------------------------------------- TensorBoard

@@ -355,7 +355,7 @@ class MlflowSink(Sink):
             if not batch:
                 return True
             try:
-                self._deliver(batch)
+                self._deliver_retrying_a_dropped_connection(batch)
             except Exception as err:  # noqa: BLE001 - any back-end failure means: retry later
                 self.last_error = f"{type(err).__name__}: {err}"
                 if not _rejected(err):
@@ -420,6 +420,20 @@ class MlflowSink(Sink):
     def _deliver(self, batch):
         run_id = self._ensure_run()
         deliver_records(self._client, run_id, batch, owns_run=self._owns_run)
+
+    def _deliver_retrying_a_dropped_connection(self, batch):
+        """`_deliver`, tried once more at once when the server dropped the connection: a
+        server closes idle keep-alive connections (uvicorn after 5 s), and a request sent on
+        one as it closes fails although the server is up."""
+        try:
+            self._deliver(batch)
+        except Exception as err:  # noqa: BLE001 - anything else is handled by the caller
+            if _DROPPED_CONNECTION not in str(err):
+                raise
+            self._deliver(batch)
+
+
+_DROPPED_CONNECTION = "Connection aborted"  # urllib3's ProtocolError, as MLflow reports it
 
 
 def _rejected(error):
