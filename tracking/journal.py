@@ -30,6 +30,7 @@ DEFAULT_SPOOL_DIR = "optiscope-spool"
 SUFFIX = ".jsonl"
 STALE_SECONDS = 3600  # a journal of another host untouched this long counts as abandoned
 _JOURNAL_ONLY = ("run", "run_id", "replayed")  # lines that describe the journal, not the run
+_REPLAYED_MARK = b'{"kind": "replayed"'  # how the line `replay` appends begins
 
 
 def now_ms():
@@ -108,15 +109,22 @@ def _alive(pid):
 
 
 def _abandoned(path):
+    """Whether the journal's writer is gone and it was not replayed. Reads the header, and for
+    a dead writer scans the lines for a replay mark without parsing them: this runs when
+    every training begins, on journals of any size."""
     try:
-        header, records = read(path)
+        with open(path, "rb") as file:
+            header = json.loads(file.readline())
+            if header.get("kind") != "run":
+                return False
+            if header.get("host") == socket.gethostname():
+                if _alive(header.get("pid")):
+                    return False
+            elif time.time() - os.path.getmtime(path) <= STALE_SECONDS:
+                return False
+            return not any(line.startswith(_REPLAYED_MARK) for line in file)
     except (OSError, ValueError):
         return False
-    if any(r["kind"] == "replayed" for r in records):
-        return False
-    if header.get("host") == socket.gethostname():
-        return not _alive(header.get("pid"))
-    return time.time() - os.path.getmtime(path) > STALE_SECONDS
 
 
 def pending(spool_dir=DEFAULT_SPOOL_DIR):
@@ -324,6 +332,6 @@ def replay(path, tracking_uri=None, experiment_name=None):
         last = max((r.get("time") or 0 for r in [header, *lines]), default=None)
         status = ends[-1]["status"] if ends else "KILLED"
         client.set_terminated(run_id, status, end_time=ends[-1].get("time") if ends else last)
-    with open(path, "a") as file:
+    with open(path, "a") as file:  # "kind" first: `_abandoned` finds it by `_REPLAYED_MARK`
         file.write(json.dumps({"kind": "replayed", "run_id": run_id, "time": now_ms()}) + "\n")
     return run_id
