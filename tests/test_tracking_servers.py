@@ -960,6 +960,21 @@ def _children(pid):
     return found
 
 
+def _descendants(pid):
+    found = []
+    for child in _children(pid):
+        found += [child, *_descendants(child)]
+    return found
+
+
+def _command_line(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            return file.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.mark.slow  # ~30 s: `optiscope ui` starts MLflow with its default 4 workers
 def test_ui_starts_both_servers_and_stops_them_on_sigint(tmp_path):
     logdir = tmp_path / "runs"
@@ -1010,6 +1025,8 @@ def test_ui_starts_both_servers_and_stops_them_on_sigint(tmp_path):
         assert len(children) == 2
         for url in urls.values():
             servers.wait_until(lambda url=url: servers.answers(url), 90, what=f"{url} answering")
+        commands = [_command_line(pid) for pid in _descendants(process.pid)]
+        assert not [c for c in commands if "huey" in c or "jobs" in c], commands  # no job runner
         assert process.poll() is None
 
         process.send_signal(signal.SIGINT)
