@@ -18,6 +18,14 @@ import urllib.request
 from optiscope.experiments.ui import server_environment
 
 HOST = "127.0.0.1"
+
+
+def default_sigint():
+    """`preexec_fn` for a child that must act on SIGINT even where the test runner was started
+    with SIGINT ignored (a background job of a shell), which children would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 START_TIMEOUT = 90.0  # seconds a server may take to answer (MLflow needs ~7 s on 2 cores)
 
 

@@ -19,6 +19,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import servers
 from backends import BACKEND
 
 from optiscope.callbacks import DivergenceGuard, OptimizerStatsLogger
@@ -752,6 +753,7 @@ def test_uncaught_interruption_closes_run_in_process_exit(tmp_path, mode, status
         capture_output=True,
         text=True,
         timeout=120,
+        preexec_fn=servers.default_sigint,
     )
     assert result.returncode != 0, result.stdout + result.stderr[-3000:]
     assert "fit returned" not in result.stdout

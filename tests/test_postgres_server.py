@@ -233,6 +233,7 @@ def check_cli(directory):
             stdin=subprocess.DEVNULL,
             text=True,
             start_new_session=True,
+            preexec_fn=servers.default_sigint,
         )
         lines = queue.Queue()
         threading.Thread(target=lambda: [lines.put(x) for x in process.stdout], daemon=True).start()

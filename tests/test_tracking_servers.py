@@ -998,6 +998,7 @@ def test_ui_starts_both_servers_and_stops_them_on_sigint(tmp_path):
         stdin=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
+        preexec_fn=servers.default_sigint,
         cwd=tmp_path,
     )
     lines = queue.Queue()
