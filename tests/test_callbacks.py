@@ -721,7 +721,7 @@ class Interrupt(keras.callbacks.Callback):
                 raise RuntimeError("boom in training")
             if MODE == "ctrl_c":
                 raise KeyboardInterrupt
-            if MODE == "sigint":  # to this thread: handled here, not in a finalizer later
+            if MODE == "sigint":  # delivered to this thread
                 import signal
                 signal.raise_signal(signal.SIGINT)
 
