@@ -6,7 +6,7 @@ after the wrapped `_backend_update_step` it reduces each selected variable's ste
 scalars (see `measures.py`), aggregates them per variable, layer or globally, and folds the
 result into optimizer-owned non-trainable state that keeps, between two reads, the last value,
 the sum (for the mean), the max, a running total and the first step at which each entry was
-non-finite. `optimizer.statistics()` reads all of it in one device-to-host transfer. A reader
+non-finite. `optimizer.statistics()` reads all of it in one transfer of that state. A reader
 that schedules its reads (`schedule_reads`) has only the steps it reads measured, plus every step
 with a non-finite gradient; the others then cost a finiteness check of the gradients.
 """
@@ -153,7 +153,6 @@ class _Plan:
     marks: object = None  # the readers' marks variable
     schedule: object = None  # which steps are measured (see `schedule_reads`)
     readers: dict = dataclasses.field(default_factory=dict)  # reader id -> its schedule
-    reader: object = None  # compiled `_read_state`
     step_values: object = None  # compiled `_step_state`
 
 
@@ -375,7 +374,7 @@ class Instrumented:
         plan.needs_previous = bool(set(quantities) & measures.NEEDS_PREVIOUS_GRADIENT)
         plan.needs_sign = bool(set(quantities) & measures.NEEDS_SIGN_REFERENCE)
         plan.layout = layout
-        plan.step_values = _compiled(self._step_state, jit_compile=True)
+        plan.step_values = _xla_compiled(self._step_state)
         plan.state = self.add_variable(
             shape=(layout.state_size,),
             initializer=keras.initializers.Constant(layout.initial_state()),
@@ -684,21 +683,8 @@ class Instrumented:
             for slot, variable in slots.items()
         }
 
-    def _read_state(self, advance):
-        """The state and this reader's marks as one vector; `advance` moves the marks to now
-        and asks the train step to start a new window for the max."""
-        plan = self._optiscope
-        layout = plan.layout
-        state, marks = _read(plan.state), _read(plan.marks)
-        now = layout.state(state)
-        current = layout.pack_marks(
-            total=now.total, nonfinite=now.nonfinite, count=now.count, requested=now.window + 1.0
-        )
-        self.assign(plan.marks, ops.where(advance, current, marks))  # one trace for both cases
-        return ops.concatenate([state, marks])
-
     def statistics(self, reset=True):
-        """Reads every statistic in one device-to-host transfer.
+        """Reads every statistic: one transfer of the state, which the train step writes whole.
 
         Args:
             reset: start a new window after reading, so that the next read's mean and max
@@ -719,13 +705,20 @@ class Instrumented:
                 "The optimizer is not built yet: statistics exist once it has been built "
                 "(by `model.fit`, `optimizer.build(variables)` or a first `apply`)."
             )
-        if plan.reader is None:
-            plan.reader = _compiled(self._read_state)
-        advance = ops.convert_to_tensor(bool(reset))
-        flat = ops.convert_to_numpy(plan.reader(advance))  # the one transfer
         layout = plan.layout
-        state = layout.state(flat[: layout.state_size])
-        marks = layout.marks(flat[layout.state_size :])
+        state = layout.state(_fetch(plan.state))  # one whole step: the train step's one write
+        marks = layout.marks(_fetch(plan.marks))
+        if reset:  # move the marks to now; the next measured step starts a new max window
+            _store(
+                plan.marks,
+                layout.pack_marks(
+                    np,
+                    total=state.total,
+                    nonfinite=state.nonfinite,
+                    count=state.count,
+                    requested=state.window + 1.0,
+                ),
+            )
         steps = int(state.count - marks.count)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = (state.total - marks.total) / steps if steps else np.full(layout.size, np.nan)
@@ -843,14 +836,47 @@ def _in_xla():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def _compiled(fn, jit_compile=False):
-    """`fn` as one graph call on TensorFlow (one XLA computation with `jit_compile`), else as
-    it is (the JAX backend compiles the whole train step anyway)."""
+def _xla_compiled(fn):
+    """`fn` as one XLA computation on TensorFlow, else as it is (the JAX backend compiles the
+    whole train step anyway)."""
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, jit_compile=jit_compile)
+        return tf.function(fn, jit_compile=True)
     return fn
+
+
+def _fetch(variable):
+    """The variable's value as a NumPy array: on TensorFlow one read op (of a plain resource
+    variable), a fraction of what a `tf.function` call costs."""
+    value = _plain_tf_variable(variable)
+    if value is None:
+        return ops.convert_to_numpy(variable)
+    import tensorflow as tf
+
+    return tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype).numpy()
+
+
+def _store(variable, array):
+    """Writes a NumPy array into the variable (one assign op on TensorFlow, see `_fetch`)."""
+    value = _plain_tf_variable(variable)
+    if value is None:
+        variable.assign(array)
+        return
+    import tensorflow as tf
+
+    tf.raw_ops.AssignVariableOp(resource=value.handle, value=tf.constant(array, value.dtype))
+
+
+def _plain_tf_variable(variable):
+    """The TensorFlow resource variable behind a Keras variable, or None (other backends, and
+    `tf.distribute` variables, which are read and written through Keras)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from tensorflow.python.ops import resource_variable_ops
+
+    value = variable.value
+    return value if isinstance(value, resource_variable_ops.BaseResourceVariable) else None
 
 
 def _read(variable):
