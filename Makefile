@@ -30,9 +30,14 @@ JAX_TESTS = tests/test_update_rules.py tests/test_statistics.py tests/test_built
 	tests/test_measures.py tests/test_callbacks.py tests/test_guard.py tests/test_resume.py \
 	tests/test_keras_features.py
 
+# Test files run in parallel, each whole on one worker (its module-scoped servers start once):
+# most tests spend much of their time waiting for servers and subprocesses.
+TEST_WORKERS ?= 2
+PYTEST = $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest
-	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(BIN)/python -m pytest $(JAX_TESTS)
+	$(PYTEST)
+	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PYTEST) $(JAX_TESTS)
 
 server: $(VENV)/.installed
 	$(BIN)/optiscope server
