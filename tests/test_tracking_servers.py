@@ -566,12 +566,13 @@ def test_server_down_from_the_start_does_not_stall_training(client, mlflow_url, 
     check_replayed(client, run_id, recorder, "never-up")
 
 
-class DroppingForwarder:
+class Forwarder:
     """A TCP forwarder to `port` that resets the first `drops` connections once a request
-    arrives on them, as a server closing an idle keep-alive connection does."""
+    arrives on them, as a server closing an idle keep-alive connection does, and holds each
+    request `delay` seconds, as a slow server does."""
 
-    def __init__(self, port, drops=1):
-        self.target, self.drops = port, drops
+    def __init__(self, port, drops=0, delay=0.0):
+        self.target, self.drops, self.delay = port, drops, delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         threading.Thread(target=self._accept, daemon=True).start()
@@ -589,13 +590,17 @@ class DroppingForwarder:
                 connection.close()  # an RST: "Connection reset by peer"
                 continue
             upstream = socket.create_connection(("127.0.0.1", self.target))
-            for source, sink in ((connection, upstream), (upstream, connection)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, delay in (
+                (connection, upstream, self.delay),
+                (upstream, connection, 0),
+            ):
+                threading.Thread(target=self._pipe, args=(source, sink, delay), daemon=True).start()
 
     @staticmethod
-    def _pipe(source, sink):
+    def _pipe(source, sink, delay):
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                time.sleep(delay)
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
@@ -605,7 +610,7 @@ class DroppingForwarder:
 
 
 def test_a_dropped_connection_is_retried_without_a_warning(client, mlflow_url, tmp_path, recwarn):
-    forwarder = DroppingForwarder(int(mlflow_url.rsplit(":", 1)[1]))
+    forwarder = Forwarder(int(mlflow_url.rsplit(":", 1)[1]), drops=1)
     try:
         sink = MlflowSink(
             tracking_uri=forwarder.url,
@@ -624,6 +629,30 @@ def test_a_dropped_connection_is_retried_without_a_warning(client, mlflow_url, t
     run = client.get_run(sink.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics == {"loss": 0.5}
+
+
+def test_a_slow_server_is_waited_for_when_the_sink_closes(client, mlflow_url, tmp_path, recwarn):
+    """Every request takes longer than `close_timeout`: close waits while delivery progresses
+    (a slow store, e.g. a local SQLite file on a busy machine, is not a server that is down)."""
+    forwarder = Forwarder(int(mlflow_url.rsplit(":", 1)[1]), delay=1.5)
+    try:
+        sink = MlflowSink(
+            tracking_uri=forwarder.url,
+            experiment_name="slow",
+            run_name="slow-server",
+            close_timeout=0.5,
+            spool_dir=tmp_path / "spool",
+        )
+        sink.log_metrics({"loss": 0.5}, step=1)
+        sink.log_params({"lr": 0.1})
+        sink.close()
+    finally:
+        forwarder.close()
+    assert optiscope_warnings(recwarn.list) == []
+    assert sink.spool_path is None
+    run = client.get_run(sink.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == {"loss": 0.5} and run.data.params == {"lr": "0.1"}
 
 
 # --------------------------------------------------------------------------- TensorBoard

@@ -5,7 +5,7 @@ Records are queued and delivered by a background thread with `log_batch` (at mos
 record is also appended to the run's journal in the spool directory as it is produced (see
 `journal.py`); the first delivery problem is warned about with the journal's path, and the
 journal is removed once the server has everything. If anything is still undelivered when the
-sink closes (after `close_timeout` seconds of retrying), the journal stays and one more warning
+sink closes (after `close_timeout` seconds without progress), the journal stays and one more warning
 names it; so does the journal of a process that is killed. `replay(path)` (or `optiscope
 replay PATH`) completes the run from it.
 """
@@ -102,8 +102,10 @@ class MlflowSink(Sink):
         asynchronous: deliver from a background thread. Defaults to True.
         spool_dir: the directory of the run's journal. Defaults to "optiscope-spool".
         retry_interval: seconds between delivery attempts after a failure. Defaults to 1.
-        close_timeout: seconds `close` keeps trying before leaving the rest in the journal.
-            Defaults to 10.
+        close_timeout: seconds `close` keeps trying once delivery stops progressing, before
+            leaving the rest in the journal; a request still waiting for its answer is waited
+            for (MLflow's HTTP timeout bounds it: 10 s unless `MLFLOW_HTTP_REQUEST_TIMEOUT` is
+            set), so a slow store loses nothing. Defaults to 10.
         flush_interval: the background thread delivers every this many seconds, or as soon
             as 1000 metrics wait, so that many small reads cost few calls. Defaults to 5.
     """
@@ -164,6 +166,7 @@ class MlflowSink(Sink):
             self.run_id, self._owns_run = active.info.run_id, False
         self._client = None
         self._pending = collections.deque()
+        self._delivering = False  # a request is waiting for the back end's answer
         self._waiting_metrics = 0
         self._lock = threading.Lock()
         self._run_lock = threading.Lock()
@@ -272,8 +275,11 @@ class MlflowSink(Sink):
         return f"MLflow {uri}, experiment {experiment!r}, run {self.run_name!r}"
 
     def flush(self, timeout=None):
-        """Tries to deliver everything queued; returns True if nothing is left."""
-        deadline = time.monotonic() + (self.close_timeout if timeout is None else timeout)
+        """Tries to deliver everything queued; returns True if nothing is left. Gives up after
+        `timeout` (default `close_timeout`) seconds without progress, never during a request."""
+        patience = self.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + patience
+        fewest = None
         while True:
             if self.asynchronous and self._worker is not None and self._worker.is_alive():
                 self._wake.set()
@@ -281,9 +287,13 @@ class MlflowSink(Sink):
             else:
                 self._deliver_pending()
             with self._lock:
-                if not self._pending:
-                    return True
-            if time.monotonic() >= deadline:
+                left = len(self._pending)
+            if not left:
+                return True
+            if fewest is not None and left < fewest:  # delivery progresses: wait on
+                deadline = time.monotonic() + patience
+            fewest = left if fewest is None else min(fewest, left)
+            if time.monotonic() >= deadline and not self._delivering:
                 return False
             if not self.asynchronous:
                 time.sleep(min(self.retry_interval, max(0.0, deadline - time.monotonic())))
@@ -354,11 +364,13 @@ class MlflowSink(Sink):
                 batch = next_batch(self._pending)
             if not batch:
                 return True
+            self._delivering = True
             try:
                 self._deliver_retrying_a_dropped_connection(batch)
             except Exception as err:  # noqa: BLE001 - any back-end failure means: retry later
                 self.last_error = f"{type(err).__name__}: {err}"
                 if not _rejected(err):
+                    self._delivering = False
                     self._warn_once(f"could not reach the MLflow server ({self.last_error})")
                     return False
                 self.rejected += len(batch)  # the server refuses these for good: kept, not retried
@@ -374,6 +386,7 @@ class MlflowSink(Sink):
                     if self._pending:
                         self._pending.popleft()
                         self._waiting_metrics -= len(record.get("metrics", ()))
+            self._delivering = False
 
     def _warn_once(self, problem):
         if not self._warned:
