@@ -609,50 +609,42 @@ class Forwarder:
         self.listener.close()
 
 
-def test_a_dropped_connection_is_retried_without_a_warning(client, mlflow_url, tmp_path, recwarn):
-    forwarder = Forwarder(int(mlflow_url.rsplit(":", 1)[1]), drops=1)
+def log_through(forwarder, tmp_path, **options):
+    """A sink to the MLflow server behind `forwarder` that logs a loss and a param, then
+    closes (and the forwarder with it)."""
     try:
-        sink = MlflowSink(
-            tracking_uri=forwarder.url,
-            experiment_name="dropped",
-            run_name="dropped-once",
-            asynchronous=False,
-            spool_dir=tmp_path / "spool",
-        )
+        sink = MlflowSink(tracking_uri=forwarder.url, spool_dir=tmp_path / "spool", **options)
         sink.log_metrics({"loss": 0.5}, step=1)
+        sink.log_params({"lr": 0.1})
         sink.close()
     finally:
         forwarder.close()
-    assert forwarder.drops == 0  # the first request did meet a reset
+    return sink
+
+
+def assert_delivered_without_a_warning(client, sink, recwarn):
     assert optiscope_warnings(recwarn.list) == []
     assert sink.spool_path is None
     run = client.get_run(sink.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics == {"loss": 0.5}
+    assert run.data.metrics == {"loss": 0.5} and run.data.params == {"lr": "0.1"}
+
+
+def test_a_dropped_connection_is_retried_without_a_warning(client, mlflow_url, tmp_path, recwarn):
+    forwarder = Forwarder(int(mlflow_url.rsplit(":", 1)[1]), drops=1)
+    sink = log_through(forwarder, tmp_path, experiment_name="dropped", run_name="dropped-once",
+                       asynchronous=False)  # fmt: skip
+    assert forwarder.drops == 0  # the first request did meet a reset
+    assert_delivered_without_a_warning(client, sink, recwarn)
 
 
 def test_a_slow_server_is_waited_for_when_the_sink_closes(client, mlflow_url, tmp_path, recwarn):
     """Every request takes longer than `close_timeout`: close waits while delivery progresses
     (a slow store, e.g. a local SQLite file on a busy machine, is not a server that is down)."""
     forwarder = Forwarder(int(mlflow_url.rsplit(":", 1)[1]), delay=1.5)
-    try:
-        sink = MlflowSink(
-            tracking_uri=forwarder.url,
-            experiment_name="slow",
-            run_name="slow-server",
-            close_timeout=0.5,
-            spool_dir=tmp_path / "spool",
-        )
-        sink.log_metrics({"loss": 0.5}, step=1)
-        sink.log_params({"lr": 0.1})
-        sink.close()
-    finally:
-        forwarder.close()
-    assert optiscope_warnings(recwarn.list) == []
-    assert sink.spool_path is None
-    run = client.get_run(sink.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics == {"loss": 0.5} and run.data.params == {"lr": "0.1"}
+    sink = log_through(forwarder, tmp_path, experiment_name="slow", run_name="slow-server",
+                       close_timeout=0.5)  # fmt: skip
+    assert_delivered_without_a_warning(client, sink, recwarn)
 
 
 # --------------------------------------------------------------------------- TensorBoard
