@@ -6,10 +6,15 @@ uninstrumented Adam; epochs timed in interleaved rounds (the fastest of each).
 Variables: 5, 50 and 200 Dense(32) layers (10, 100, 400 variables). Parameters: one Dense
 layer of 10^4, 10^6 and 10^7 parameters (2 variables).
 
-    python benchmarks/scaling.py [--rounds 5]
+    python benchmarks/scaling.py [--rounds 5] [--models 10^6 10^7]
+
+`--models` keeps the models whose name contains one of the given strings. On the large
+variables TensorFlow's CPU allocator matters (see `update_rules.py`): run once more with
+`TF_CPU_ALLOCATOR_USE_BFC=true` to see it.
 """
 
 import argparse
+import os
 
 import _timing
 import keras
@@ -46,10 +51,18 @@ SCHEDULED = "default statistics, scheduled reads every 100 steps (the logger's m
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", help="substrings of the model names to keep")
     args = parser.parse_args()
+    models = {
+        name: spec
+        for name, spec in MODELS.items()
+        if not args.models or any(part in name for part in args.models)
+    }
+    if not models:
+        parser.error(f"--models matched none of: {', '.join(MODELS)}")
     rng = np.random.default_rng(0)
     fits, sizes = {}, {}
-    for name, (build, inputs, outputs, steps) in MODELS.items():
+    for name, (build, inputs, outputs, steps) in models.items():
         x = rng.normal(size=(32 * steps, inputs)).astype("float32")
         y = rng.normal(size=(32 * steps, outputs)).astype("float32")
         for variant, optimizer, callbacks in (
@@ -69,6 +82,7 @@ def main():
     times = _timing.interleaved(fits, args.rounds)
 
     print(f"# statistics overhead against model size; {_timing.machine()}")
+    print(f"TF_CPU_ALLOCATOR_USE_BFC={os.environ.get('TF_CPU_ALLOCATOR_USE_BFC', '')}")
     header = f"{'model':<40}{'vars':>6}{'params':>11}{'Adam ms/step':>14}"
     print(f"{header}{'every step: +ms':>17}{'ratio':>8}{'scheduled: +ms':>16}{'ratio':>8}")
     for name, (variables, parameters, steps) in sizes.items():

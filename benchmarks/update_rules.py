@@ -6,9 +6,15 @@ Prints ms/step, the ratio to the reference and the achieved bandwidth (the bytes
 read and write, divided by the time) as a fraction of this machine's measured copy bandwidth.
 
     python benchmarks/update_rules.py [--size 10000000] [--rounds 7]
+
+Every array a `keras.ops` call returns is a fresh allocation of the variable's size; with
+TensorFlow's default CPU allocator (malloc, which maps arrays over 32 MB fresh from the kernel)
+its page faults cost more than the arithmetic. `TF_CPU_ALLOCATOR_USE_BFC=true` in the
+environment makes TensorFlow reuse its buffers; run the script both ways to see the two.
 """
 
 import argparse
+import os
 
 import _timing
 import keras
@@ -113,6 +119,8 @@ def main():
     args = parser.parse_args()
     size = args.size
     print(f"# update-rule cost, {size:,} float32 elements; {_timing.machine()}")
+    bfc = os.environ.get("TF_CPU_ALLOCATOR_USE_BFC", "").lower() in ("1", "true")
+    print(f"CPU allocator: {'BFC' if bfc else 'default'} (TF_CPU_ALLOCATOR_USE_BFC)")
     bandwidth = copy_bandwidth(size, args.rounds)
     print(f"measured copy bandwidth: {bandwidth:.1f} GB/s\n")
 

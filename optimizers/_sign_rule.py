@@ -6,7 +6,7 @@ import numbers
 import keras
 from keras import ops
 
-from optiscope.optimizers._common import dense_gradient
+from optiscope.optimizers._common import dense_gradient, has_fused_kernels, resource_handle
 from optiscope.optimizers._validation import check_in_range, check_learning_rate
 from optiscope.optimizers.instrumentation import Instrumented
 from optiscope.optimizers.sign_decay import SignDecay
@@ -59,10 +59,12 @@ class SignRule(Instrumented, keras.optimizers.Optimizer):
         lr = ops.cast(learning_rate, dtype)
         m = self._m[self._get_variable_index(variable)]
         beta = ops.convert_to_tensor(self.beta, dtype)
-        if _has_fused_kernel(gradient, dtype):  # one pass over the arrays instead of ~10
+        if has_fused_kernels(gradient, dtype):  # one pass over the arrays instead of ~10
             kernel = self._fused_kernel(dtype)
             g = ops.cast(gradient, dtype)
-            kernel(_handle(variable), _handle(m), lr, self._decay_value(dtype), beta, g)
+            kernel(
+                resource_handle(variable), resource_handle(m), lr, self._decay_value(dtype), beta, g
+            )
             return
         g = dense_gradient(gradient, dtype)
 
@@ -90,20 +92,6 @@ class SignRule(Instrumented, keras.optimizers.Optimizer):
                 config["sign_decay"], custom_objects=custom_objects
             )
         return super().from_config(config, custom_objects=custom_objects)
-
-
-def _has_fused_kernel(gradient, dtype):
-    """TensorFlow's fused kernels serve dense float32/float64 gradients on its backend."""
-    return (
-        keras.backend.backend() == "tensorflow"
-        and keras.backend.standardize_dtype(dtype) in ("float32", "float64")
-        and not hasattr(gradient, "indices")
-    )
-
-
-def _handle(variable):
-    """The resource handle of a (Keras or TensorFlow) variable, for TensorFlow's kernels."""
-    return variable.value.handle if isinstance(variable, keras.Variable) else variable.handle
 
 
 def log_of(name, base):

@@ -3,7 +3,12 @@
 import keras
 from keras import ops
 
-from optiscope.optimizers._common import dense_gradient
+from optiscope.optimizers._common import (
+    dense_gradient,
+    has_fused_kernels,
+    in_xla,
+    resource_handle,
+)
 from optiscope.optimizers._validation import check_in_range, check_learning_rate
 from optiscope.optimizers.instrumentation import Instrumented
 
@@ -18,7 +23,9 @@ class EMAMomentum(Instrumented, keras.optimizers.Optimizer):
                            m_hat = m / (1 - mu^(t+1))      (bias_correction=True)
     ```
     `t` is the 0-based step. Without bias correction this is `SGD(lr * (1 - mu), momentum=mu)`;
-    with it, the first steps track plain SGD at `lr`. Sparse gradients are densified.
+    with it, the first steps track plain SGD at `lr`. On the TensorFlow backend, dense float32
+    and float64 updates outside XLA run in place on TensorFlow's kernels. Sparse gradients are
+    densified.
 
     Args:
         learning_rate: a positive float, a `LearningRateSchedule` or a callable.
@@ -63,18 +70,46 @@ class EMAMomentum(Instrumented, keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
-        g = dense_gradient(gradient, dtype)
         mu = ops.convert_to_tensor(self.momentum, dtype)
         m = self._momentums[self._get_variable_index(variable)]
+        if self.bias_correction:
+            step = ops.cast(self.iterations + 1, dtype)
+            lr = ops.divide(lr, 1 - ops.power(mu, step))
+        if has_fused_kernels(gradient, dtype) and not in_xla():  # XLA fuses the ops path
+            _update_in_place(variable, m, lr, mu, ops.cast(gradient, dtype))
+            return
+        g = dense_gradient(gradient, dtype)
 
         m_new = ops.add(ops.multiply(m, mu), ops.multiply(g, 1 - mu))
         self.assign(m, m_new)
-        if self.bias_correction:
-            step = ops.cast(self.iterations + 1, dtype)
-            m_new = ops.divide(m_new, 1 - ops.power(mu, step))
         self.assign_sub(variable, ops.multiply(lr, m_new))
 
     def get_config(self):
         config = super().get_config()
         config.update(momentum=self.momentum, bias_correction=self.bias_correction)
         return config
+
+
+def _update_in_place(variable, m, lr, mu, gradient):
+    """The update with TensorFlow's kernels, in place: two passes over the arrays and no
+    temporaries, where the `keras.ops` path allocates five arrays of the variable's size.
+
+    TensorFlow has no EMA-momentum kernel. Its PowerSign kernel moves `m` exactly as the EMA
+    does and, with `lr = 0`, leaves the variable unchanged; the gradient-descent kernel then
+    subtracts `lr * m`.
+    """
+    import tensorflow as tf
+
+    zero = tf.zeros([], gradient.dtype)
+    tf.raw_ops.ResourceApplyPowerSign(
+        var=resource_handle(variable),
+        m=resource_handle(m),
+        lr=zero,
+        logbase=zero,
+        sign_decay=zero,
+        beta=mu,
+        grad=gradient,
+    )
+    tf.raw_ops.ResourceApplyGradientDescent(
+        var=resource_handle(variable), alpha=lr, delta=ops.convert_to_tensor(m)
+    )

@@ -24,7 +24,7 @@ import numpy as np
 from keras import ops
 
 from optiscope.optimizers import measures
-from optiscope.optimizers._common import dense_gradient
+from optiscope.optimizers._common import dense_gradient, in_xla
 from optiscope.optimizers._validation import check_hyperparameters
 
 AGGREGATIONS = ("variable", "layer", "global")
@@ -462,7 +462,7 @@ class Instrumented:
             index = self._get_variable_index(variable)
             if index in rows:
                 selected[index] = variable
-        if measured is None or keras.backend.backend() != "tensorflow" or _in_xla():
+        if measured is None or keras.backend.backend() != "tensorflow" or in_xla():
             return {index: _read(v) for index, v in selected.items()}  # no copy under XLA
         import tensorflow as tf
 
@@ -824,16 +824,6 @@ def _concrete(tensor):
 
         return tf.executing_eagerly()
     return False
-
-
-def _in_xla():
-    """Whether TensorFlow is tracing an XLA-compiled function (True when it cannot tell)."""
-    try:
-        import tensorflow as tf
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:
-        return True
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _xla_compiled(fn):

@@ -253,15 +253,20 @@ def test_matches_fused_kernel(rule, decay, dtype):
 
 @pytest.mark.tensorflow_only
 @pytest.mark.parametrize(
-    "make, kernel",
+    "make, kernels",
     [
-        (lambda: PowerSign(LR), "ResourceApplyPowerSign"),
-        (lambda: AddSign(LR), "ResourceApplyAddSign"),
+        (lambda: PowerSign(LR), ["ResourceApplyPowerSign"]),
+        (lambda: AddSign(LR), ["ResourceApplyAddSign"]),
+        (
+            lambda: EMAMomentum(LR, bias_correction=True),
+            ["ResourceApplyPowerSign", "ResourceApplyGradientDescent"],
+        ),
     ],
+    ids=["PowerSign", "AddSign", "EMAMomentum"],
 )
-def test_compiled_step_runs_the_fused_kernel(make, kernel):
+def test_compiled_step_runs_the_fused_kernels(make, kernels):
     """In a compiled step (where Keras hands TensorFlow variables to `update_step`) the rule is
-    TensorFlow's one fused kernel, not the `keras.ops` path's ten passes over the arrays."""
+    TensorFlow's in-place kernels, not the `keras.ops` path's passes over new arrays."""
     import tensorflow as tf
 
     optimizer = make()
@@ -270,8 +275,25 @@ def test_compiled_step_runs_the_fused_kernel(make, kernel):
     grads = [tf.constant(g) for g in gradient_steps("float32")[0]]
     step = tf.function(lambda: optimizer.apply(grads, variables))
     ops = [node.op for node in step.get_concrete_function().graph.as_graph_def().node]
-    assert ops.count(kernel) == len(variables)
+    for kernel in kernels:
+        assert ops.count(kernel) == len(variables)
     assert "Sign" not in ops
+    assert "AssignSubVariableOp" not in ops
+
+
+@pytest.mark.tensorflow_only
+def test_ema_momentum_leaves_its_update_to_xla_under_jit_compile():
+    """XLA fuses the `keras.ops` path into one pass, which beats the two in-place kernels."""
+    import tensorflow as tf
+
+    optimizer = EMAMomentum(LR)
+    variables = make_variables("float32")
+    optimizer.build(variables)
+    grads = [tf.constant(g) for g in gradient_steps("float32")[0]]
+    step = tf.function(lambda: optimizer.apply(grads, variables), jit_compile=True)
+    ops = [node.op for node in step.get_concrete_function().graph.as_graph_def().node]
+    assert "ResourceApplyGradientDescent" not in ops
+    assert ops.count("AssignSubVariableOp") == len(variables)
 
 
 # ------------------------------------------------------------------ equivalences with Keras
