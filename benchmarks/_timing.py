@@ -1,10 +1,12 @@
 """Side-by-side timing helpers: variants are measured in interleaved rounds, so that a
 slow moment of the machine hits every variant alike, and compared by their fastest round (the
 machine's noise only ever adds time: on a shared 2-core machine single rounds run up to 2x
-slower, which moves medians of a few rounds by more than the effects measured)."""
+slower, which moves medians of a few rounds by more than the effects measured). Each round runs
+the variants in a new (seeded) order, so that no variant always follows the same neighbour."""
 
 import os
 import platform
+import random
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -14,8 +16,12 @@ def interleaved(variants, rounds, repeats=1):
     """`variants` maps name -> zero-argument callable. Returns name -> the fastest round's
     seconds/call."""
     samples = {name: [] for name in variants}
+    order = list(variants)
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in variants.items():
+        shuffle(order)
+        for name in order:
+            fn = variants[name]
             start = time.perf_counter()
             for _ in range(repeats):
                 fn()

@@ -55,6 +55,10 @@ def main():
 
     variants = {
         "no logging": (lambda: keras.optimizers.Adam(1e-3), lambda: []),
+        "no logging, a second model (the noise floor)": (
+            lambda: keras.optimizers.Adam(1e-3),
+            lambda: [],
+        ),
         "OptimizerStatsLogger() default: both sinks, every 100 steps": (
             lambda: InstrumentedAdam(1e-3),
             default_logger,

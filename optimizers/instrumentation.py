@@ -434,7 +434,7 @@ class Instrumented:
             ops.logical_or(ops.equal(schedule.scheduled, 0.0), due(schedule.every, 0.0)),
             ops.logical_or(
                 due(schedule.epoch_steps, schedule.origin),
-                ops.cond(ops.equal(schedule.scheduled, 0.0), lambda: False, nonfinite_gradient),
+                _cond(ops.equal(schedule.scheduled, 0.0), lambda: False, nonfinite_gradient),
             ),
         )
 
@@ -466,7 +466,7 @@ class Instrumented:
             return {index: _read(v) for index, v in selected.items()}  # no copy under XLA
         import tensorflow as tf
 
-        values = tf.cond(
+        values = _cond(
             measured,
             lambda: [_read(v) for v in selected.values()],
             lambda: [tf.zeros((0,), v.dtype) for v in selected.values()],
@@ -531,7 +531,7 @@ class Instrumented:
             else:
                 new_state = _read(plan.state)
         else:
-            new_state = ops.cond(
+            new_state = _cond(
                 measured,
                 lambda: plan.step_values(inputs, learning_rate, step),
                 lambda: _read(plan.state),
@@ -824,6 +824,23 @@ def _concrete(tensor):
 
         return tf.executing_eagerly()
     return False
+
+
+def _cond(pred, true_fn, false_fn):
+    """`ops.cond`; on TensorFlow one `If` op in the graph, not lowered to a Switch and a Merge
+    for each tensor that enters or leaves it: on a model with 102 variables the lowered conds
+    cost about 1 ms a step (BENCHMARKS.md)."""
+    result = ops.cond(pred, true_fn, false_fn)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util_v2
+
+        if not tf.executing_eagerly():
+            for tensor in tf.nest.flatten(result):
+                op = tensor.op.inputs[0].op if tensor.op.type == "Identity" else tensor.op
+                if op.type in ("If", "StatelessIf"):
+                    control_flow_util_v2.maybe_set_lowering_attr(op, lower_using_switch_merge=False)
+    return result
 
 
 def _xla_compiled(fn):
