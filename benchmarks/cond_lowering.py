@@ -12,7 +12,13 @@ import argparse
 
 import _timing
 import keras
-from instrumentation_overhead import BASELINE, NOISE_FLOOR, ScheduledNoReads, ScheduledReads
+from instrumentation_overhead import (
+    BASELINE,
+    NOISE_FLOOR,
+    ScheduledNoReads,
+    ScheduledReads,
+    print_tables,
+)
 from keras import ops
 
 from optiscope.optimizers import InstrumentedAdam, instrumentation
@@ -57,13 +63,7 @@ def main():
     times = _timing.interleaved(fits, args.rounds)
 
     print(f"# the instrumentation's conds, If ops against lowered; {_timing.machine()}")
-    for kind in args.models:
-        base = times[kind, BASELINE]
-        print(f"\n{kind}: {steps[kind]} steps an epoch")
-        print(f"{'variant':<44}{'ms/step':>9}{'ratio':>8}")
-        for (model, name), t in times.items():
-            if model == kind:
-                print(f"{name:<44}{t / steps[kind] * 1e3:>9.3f}{t / base:>7.3f}x")
+    print_tables(times, steps)
 
 
 if __name__ == "__main__":
