@@ -828,8 +828,8 @@ def _concrete(tensor):
 
 def _cond(pred, true_fn, false_fn):
     """`ops.cond`; on TensorFlow one `If` op in the graph, not lowered to a Switch and a Merge
-    for each tensor that enters or leaves it: on a model with 102 variables the lowered conds
-    cost about 1 ms a step (BENCHMARKS.md)."""
+    for each tensor that enters or leaves it (some 600 graph nodes a step on a model with 102
+    variables, BENCHMARKS.md)."""
     result = ops.cond(pred, true_fn, false_fn)
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
