@@ -67,7 +67,9 @@ def deep_run(tmp_path_factory):
         board = TensorBoardSink(logdir=root / "logs", run_name="deep")
         mlflow = MlflowSink(tracking_uri=mlflow_url, experiment_name="views", run_name="deep")
         recorder = FigureRecorder()
-        logger = OptimizerStatsLogger(sinks=[board, mlflow, recorder], interval=INTERVAL)
+        logger = OptimizerStatsLogger(
+            sinks=[board, mlflow, recorder], interval=INTERVAL, close_sinks=True
+        )
         model.fit(x, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
                   callbacks=[logger])  # fmt: skip
         assert mlflow.spool_path is None, mlflow.last_error
